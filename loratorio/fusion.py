@@ -1,0 +1,232 @@
+"""The LoRAtorio composition step: the whole method in one place.
+
+One denoising step receives the base model's predictions and each composed LoRA's
+predictions for the same noisy latent ``x``. Patch by patch, the LoRA whose prediction
+diverges most from the base owns the patch (SoftMin of cosine similarity); the
+conditional predictions are mixed with those weights and the unconditional ones are
+re-centred toward the base. The host's own classifier-free guidance then runs on the
+returned ``(cond, uncond)`` pair unchanged.
+
+The steps, numbered as the rest of the code cites them:
+
+1. descriptor: the noise-like residual averaged over channels, split into ``p x p``
+   patches; edge patches of sizes that are not multiples of ``p`` use only their real
+   pixels (zero padding of both vectors gives exactly that);
+2. similarity: ``S[i, b, patch] = cos(base, lora_i)`` with norms clamped at 1e-8;
+3. temperature ``tau_k = 1 / (c * k)`` with ``k`` the 0-based sampling step of this pass
+   (``k = 0``: infinite temperature, uniform weights);
+4. SoftMin over the LoRAs per patch, ``w_i = softmax(-S_i / tau)``;
+5. top-k gating: with ``0 < top_k < N`` only the ``top_k`` least similar LoRAs of a
+   patch take part, the others get weight 0;
+6. nearest upsampling of the patch weights to pixels, broadcast over channels;
+7. ``cond = sum_i w_i * lora_cond_i``;
+8. ``uncond = lambda * sum_i w_i * lora_uncond_i + (1 - lambda) * base_uncond``;
+9. (host) ``uncond + s * (cond - uncond)``;
+10. guidance-distilled models have no unconditional pass: only 1-7 apply.
+
+Prediction forms. Hosts give either *denoised* estimates (k-diffusion and Forge
+samplers) or *noise* predictions (eps or velocity, A1111's DDIM/PLMS/UniPC). With ``x``
+given, predictions are treated as denoised and the similarity uses the residual
+``x - prediction`` (= sigma * eps; cosine ignores the positive factor sigma). Without
+``x`` they are noise-like and compared directly. Mixing happens in the form given:
+every mix has weights summing to one per pixel, so both forms give the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Composition", "compose", "patch_similarity", "softmin_weights", "temperature"]
+
+_NORM_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Composition:
+    """Result of one composition step.
+
+    ``cond`` and ``uncond`` are in the prediction form and dtype that were given
+    (``uncond`` is None when no base unconditional prediction was given); ``weights``
+    holds the per-pixel LoRA weights ``[N, B, 1, H, W]`` in float32, summing to one over
+    ``N`` at every pixel.
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    weights: torch.Tensor
+
+
+def temperature(step: int, temperature_scale: float) -> float:
+    """Step 3: ``tau_k = 1 / (c * k)``; ``math.inf`` at ``k = 0`` (uniform weights)."""
+    if step == 0:
+        return math.inf
+    return 1.0 / (float(temperature_scale) * step)
+
+
+def _channel_mean_residual(pred: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """Noise-like residual averaged over channels, in float32 (``[..., H, W]``)."""
+    pred = pred.float()
+    if x is not None:
+        pred = x.float() - pred
+    return pred.mean(dim=-3)
+
+
+def _patch_vectors(desc: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[..., H, W]`` -> ``[..., Ph, Pw, p*p]``, zero padded at the bottom/right edge."""
+    h, w = desc.shape[-2:]
+    ph, pw = -(-h // patch_size), -(-w // patch_size)
+    pad_h, pad_w = ph * patch_size - h, pw * patch_size - w
+    if pad_h or pad_w:
+        desc = F.pad(desc, (0, pad_w, 0, pad_h))
+    lead = desc.shape[:-2]
+    desc = desc.reshape(*lead, ph, patch_size, pw, patch_size)
+    return desc.movedim(-3, -2).reshape(*lead, ph, pw, patch_size * patch_size)
+
+
+def patch_similarity(
+    base: torch.Tensor,
+    lora: torch.Tensor,
+    *,
+    x: torch.Tensor | None = None,
+    patch_size: int = 2,
+) -> torch.Tensor:
+    """Steps 1-2: cosine similarity of each LoRA to the base, per patch.
+
+    ``base`` is ``[B, C, H, W]`` and ``lora`` ``[N, B, C, H, W]``, both denoised
+    estimates when ``x`` is given (the residual ``x - pred`` is compared) and noise-like
+    otherwise. Returns float32 ``[N, B, Ph, Pw]`` with ``Ph = ceil(H / p)``.
+    """
+    base_vec = _patch_vectors(_channel_mean_residual(base, x), patch_size)
+    lora_vec = _patch_vectors(_channel_mean_residual(lora, x), patch_size)
+    dot = (lora_vec * base_vec).sum(-1)
+    base_norm = base_vec.norm(dim=-1).clamp_min(_NORM_EPS)
+    lora_norm = lora_vec.norm(dim=-1).clamp_min(_NORM_EPS)
+    return dot / (base_norm * lora_norm)
+
+
+def softmin_weights(similarity: torch.Tensor, *, step: int, temperature_scale: float, top_k: int = 0) -> torch.Tensor:
+    """Steps 3-5: SoftMin over dim 0 of ``similarity`` (``[N, ...]``), with top-k gating.
+
+    Returns float32 weights of the same shape that sum to one over dim 0. At ``step`` 0
+    the temperature is infinite and the (selected) LoRAs share a patch equally.
+    """
+    n = similarity.shape[0]
+    # A non-finite similarity (a branch that produced NaN/inf) must not poison the
+    # patch: treat it as "identical to the base", the least informative value.
+    sim = torch.nan_to_num(similarity.float(), nan=1.0, posinf=1.0, neginf=-1.0)
+    tau = temperature(step, temperature_scale)
+    logits = torch.zeros_like(sim) if math.isinf(tau) else -sim / tau
+    if 0 < top_k < n:
+        # The k least similar LoRAs of each patch take part; ties break by LoRA order.
+        keep = torch.topk(-sim, top_k, dim=0, largest=True, sorted=False).indices
+        mask = torch.zeros_like(sim, dtype=torch.bool).scatter_(0, keep, True)
+        logits = logits.masked_fill(~mask, -math.inf)
+    return torch.softmax(logits, dim=0)
+
+
+def _upsample(weights: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """Step 6: ``[N, B, Ph, Pw]`` -> ``[N, B, 1, H, W]`` (each pixel gets its patch's weight)."""
+    if patch_size > 1:
+        weights = weights.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)
+    return weights[..., :height, :width].unsqueeze(2)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_shape(name: str, tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+
+
+def _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_size, temperature_scale, recenter, top_k):
+    if not isinstance(base_cond, torch.Tensor) or base_cond.dim() != 4:
+        shape = list(base_cond.shape) if isinstance(base_cond, torch.Tensor) else type(base_cond).__name__
+        raise ValueError(f"base_cond must be a [B, C, H, W] tensor, got {shape}")
+    if not isinstance(lora_cond, torch.Tensor) or lora_cond.dim() != 5:
+        shape = list(lora_cond.shape) if isinstance(lora_cond, torch.Tensor) else type(lora_cond).__name__
+        raise ValueError(f"lora_cond must be a [N, B, C, H, W] tensor, got {shape}")
+    if lora_cond.shape[0] == 0:
+        raise ValueError("lora_cond must hold at least one LoRA (N >= 1), got N = 0")
+    if base_cond.shape[0] == 0:
+        raise ValueError("base_cond must hold at least one batch row (B >= 1), got B = 0")
+    _check_shape("lora_cond", lora_cond, (lora_cond.shape[0], *base_cond.shape))
+    if base_uncond is not None:
+        _check_shape("base_uncond", base_uncond, tuple(base_cond.shape))
+    if lora_uncond is not None:
+        if base_uncond is None:
+            raise ValueError("lora_uncond was given without base_uncond; pass both or neither")
+        _check_shape("lora_uncond", lora_uncond, tuple(lora_cond.shape))
+    if x is not None:
+        _check_shape("x", x, tuple(base_cond.shape))
+    _check_int("step", step, 0)
+    _check_int("patch_size", patch_size, 1)
+    _check_int("top_k", top_k, 0)
+    if isinstance(temperature_scale, bool) or not isinstance(temperature_scale, numbers.Real) or not (
+        math.isfinite(temperature_scale) and temperature_scale > 0
+    ):
+        raise ValueError(f"temperature_scale must be a finite number > 0, got {temperature_scale!r}")
+    if isinstance(recenter, bool) or not isinstance(recenter, numbers.Real) or not 0.0 <= recenter <= 1.0:
+        raise ValueError(f"recenter must be a number in [0, 1], got {recenter!r}")
+    if base_uncond is not None and lora_uncond is None and recenter != 0:
+        raise ValueError(f"lora_uncond is required when recenter > 0 (recenter = {recenter!r}); "
+                         "pass it or set recenter = 0")
+
+
+def _mix(weights: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
+    """Steps 7-8: ``sum_i w_i * pred_i`` in float32 (``[N, B, 1, H, W]`` x ``[N, B, C, H, W]``)."""
+    return torch.einsum("nbchw,nbchw->bchw", weights.expand_as(preds), preds.float())
+
+
+def compose(
+    base_cond: torch.Tensor,
+    lora_cond: torch.Tensor,
+    base_uncond: torch.Tensor | None = None,
+    lora_uncond: torch.Tensor | None = None,
+    *,
+    step: int,
+    x: torch.Tensor | None = None,
+    patch_size: int = 2,
+    temperature_scale: float = 10.0,
+    recenter: float = 0.5,
+    top_k: int = 0,
+) -> Composition:
+    """Compose N LoRA branches for one denoising step (steps 1-8).
+
+    ``base_cond``/``base_uncond`` are ``[B, C, H, W]``, ``lora_cond``/``lora_uncond``
+    ``[N, B, C, H, W]``. With ``x`` (``[B, C, H, W]``) the predictions are denoised
+    estimates, otherwise noise-like (eps or velocity). ``step`` is the 0-based sampling
+    step of the current pass (second-order samplers pass the same step twice; a hires
+    pass starts again at 0). ``lora_uncond`` may be None only when ``recenter == 0``;
+    then the returned uncond is ``base_uncond`` itself. The similarity is computed in
+    float32; ``cond``/``uncond`` come back in the input dtype.
+
+    Raises ``ValueError`` naming the argument for wrong shapes, N = 0, ``patch_size < 1``,
+    negative ``step``, ``temperature_scale <= 0``, ``recenter`` outside [0, 1] or
+    ``top_k < 0``.
+    """
+    _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_size, temperature_scale, recenter, top_k)
+    height, width = base_cond.shape[-2:]
+    similarity = patch_similarity(base_cond, lora_cond, x=x, patch_size=patch_size)
+    patch_weights = softmin_weights(similarity, step=step, temperature_scale=temperature_scale, top_k=top_k)
+    weights = _upsample(patch_weights, patch_size, height, width)
+
+    cond = _mix(weights, lora_cond).to(base_cond.dtype)
+    uncond = None
+    if base_uncond is not None:
+        if recenter == 0:
+            uncond = base_uncond
+        else:
+            mixed = _mix(weights, lora_uncond)
+            uncond = (recenter * mixed + (1.0 - recenter) * base_uncond.float()).to(base_uncond.dtype)
+    return Composition(cond=cond, uncond=uncond, weights=weights)

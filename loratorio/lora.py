@@ -1,0 +1,192 @@
+"""Adapter weights for one module, as LoRA files store them.
+
+The host adapter turns whatever its own loader produced into these pieces; the routing
+runtime (``loratorio.routing``) applies them to module outputs without ever writing the
+module's weights. An *adapter set* is ``dict[str, piece | list[piece]]``: module name ->
+the piece(s) one LoRA applies to that module.
+
+- :class:`LowRank`: LoRA / LoCon factors (optionally with a Tucker ``mid``).
+- :class:`Dense`: a full weight delta, for types the host can only give as deltas
+  (LoHa, LoKr, full/diff).
+- :class:`OutputSlice`: a piece that produces only output features
+  ``offset:offset+size`` of a packed projection (a fused qkv weight).
+
+``scale`` is always the final factor (``alpha / rank * multiplier`` is the host's business).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["Dense", "LowRank", "OutputSlice", "delta_weight", "pieces", "total_nbytes"]
+
+
+def _tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value.detach()
+
+
+class LowRank:
+    """Low-rank factors: ``delta W = scale * up @ [mid] @ down``.
+
+    Linear: ``down [r, in]``, ``up [out, r]``. Conv: ``down [r, in, kh, kw]``,
+    ``up [out, r, 1, 1]``; with a Tucker ``mid [r, r, kh, kw]`` the down is 1x1 and the
+    spatial kernel sits in ``mid``. Factors keep the dtype and device they were loaded with.
+    """
+
+    __slots__ = ("down", "mid", "scale", "up")
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0, mid: torch.Tensor | None = None):
+        down, up = _tensor("down", down), _tensor("up", up)
+        if down.dim() not in (2, 4) or up.dim() != down.dim():
+            raise ValueError(f"LowRank needs 2-D or 4-D down/up of the same rank, got down {list(down.shape)}, "
+                             f"up {list(up.shape)}")
+        rank = down.shape[0]
+        if up.shape[1] != (mid.shape[0] if mid is not None else rank):
+            raise ValueError(f"LowRank up {list(up.shape)} does not match down {list(down.shape)}")
+        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+            raise ValueError(f"LowRank conv up must be [out, r, 1, 1], got {list(up.shape)}")
+        if mid is not None:
+            mid = _tensor("mid", mid)
+            if mid.dim() != 4 or down.dim() != 4 or mid.shape[1] != rank or tuple(down.shape[2:]) != (1, 1):
+                raise ValueError(f"Tucker mid must be [r, r, kh, kw] with a 1x1 down, got mid {list(mid.shape)}, "
+                                 f"down {list(down.shape)}")
+        self.down, self.up, self.mid, self.scale = down, up, mid, float(scale)
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        """Spatial kernel of the delta ((1, 1) for linear factors)."""
+        if self.mid is not None:
+            return tuple(self.mid.shape[2:])
+        return tuple(self.down.shape[2:]) if self.down.dim() == 4 else (1, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.mid) if t is not None)
+
+    def delta(self) -> torch.Tensor:
+        """The full weight delta, float32: ``[out, in]`` (linear) or ``[out, in, kh, kw]``."""
+        up = self.up.float().flatten(1)
+        if self.mid is None:
+            down = self.down.float()
+            if down.dim() == 2:
+                return self.scale * (up @ down)
+            return self.scale * torch.einsum("or,rikl->oikl", up, down)
+        core = torch.einsum("or,rskl->oskl", up, self.mid.float())
+        return self.scale * torch.einsum("oskl,si->oikl", core, self.down.float().flatten(1))
+
+
+class Dense:
+    """A full weight delta ``scale * delta`` (``[out, in]`` or ``[out, in, kh, kw]``), optional bias delta."""
+
+    __slots__ = ("bias", "delta_tensor", "scale")
+
+    def __init__(self, delta: torch.Tensor, scale: float = 1.0, bias: torch.Tensor | None = None):
+        delta = _tensor("delta", delta)
+        if delta.dim() not in (2, 4):
+            raise ValueError(f"Dense delta must be [out, in] or [out, in, kh, kw], got {list(delta.shape)}")
+        if bias is not None:
+            bias = _tensor("bias", bias)
+            if bias.shape != (delta.shape[0],):
+                raise ValueError(f"Dense bias must be [{delta.shape[0]}], got {list(bias.shape)}")
+        self.delta_tensor, self.scale, self.bias = delta, float(scale), bias
+
+    @property
+    def in_features(self) -> int:
+        return self.delta_tensor.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.delta_tensor.shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return tuple(self.delta_tensor.shape[2:]) if self.delta_tensor.dim() == 4 else (1, 1)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.delta_tensor.numel() * self.delta_tensor.element_size()
+        return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * self.delta_tensor.float()
+
+
+class OutputSlice:
+    """``inner`` produces ``size`` output features placed at ``offset:offset+size`` of the target.
+
+    Packed projections (one weight holding q, k and v) get one slice per sub-projection
+    a LoRA file targets; the other output features are left to the base.
+    """
+
+    __slots__ = ("inner", "offset", "size")
+
+    def __init__(self, inner: LowRank | Dense, offset: int, size: int):
+        if not isinstance(inner, (LowRank, Dense)):
+            raise TypeError(f"OutputSlice wraps a LowRank or Dense piece, got {type(inner).__name__}")
+        if offset < 0 or size < 1 or inner.out_features != size:
+            raise ValueError(f"OutputSlice(offset={offset}, size={size}) does not fit a piece with "
+                             f"{inner.out_features} output features")
+        self.inner, self.offset, self.size = inner, int(offset), int(size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+
+Piece = LowRank | Dense | OutputSlice
+
+
+def pieces(entry) -> list[Piece]:
+    """Normalise an adapter-set value (one piece or a sequence of pieces) to a list."""
+    items = list(entry) if isinstance(entry, Sequence) else [entry]
+    for item in items:
+        if not isinstance(item, (LowRank, Dense, OutputSlice)):
+            raise TypeError(f"adapter pieces must be LowRank, Dense or OutputSlice, got {type(item).__name__}")
+    return items
+
+
+def total_nbytes(adapter_set) -> int:
+    """Bytes held by the tensors of one adapter set as loaded."""
+    return sum(p.nbytes for entry in adapter_set.values() for p in pieces(entry))
+
+
+def _fit(delta: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reshape a linear-shaped delta onto a 1x1 conv weight or the reverse."""
+    if delta.shape == shape:
+        return delta
+    if delta.numel() == torch.Size(shape).numel() and delta.shape[:2] == tuple(shape[:2]):
+        return delta.reshape(shape)
+    raise ValueError(f"adapter delta of shape {list(delta.shape)} does not fit a weight of shape {list(shape)}")
+
+
+def delta_weight(entry, weight_shape) -> torch.Tensor:
+    """Full float32 delta that merging ``entry`` (piece or list of pieces) into a weight of ``weight_shape`` adds.
+
+    Used for merge references in tests and benchmarks, and for short-lived merges of
+    packed parameters that output hooks cannot reach (restored bit-exactly by the caller).
+    """
+    shape = torch.Size(weight_shape)
+    total = torch.zeros(shape, dtype=torch.float32)
+    for piece in pieces(entry):
+        if isinstance(piece, OutputSlice):
+            sub = _fit(piece.inner.delta(), torch.Size((piece.size, *shape[1:])))
+            total[piece.offset:piece.offset + piece.size] += sub
+        else:
+            total += _fit(piece.delta(), shape)
+    return total

@@ -1,0 +1,379 @@
+"""Per-row multi-LoRA routing: N LoRA branches in one model call, weights untouched.
+
+Inside :meth:`Router.route`, every forward of a target module adds LoRA ``j``'s delta,
+computed from input rows ``rows[j]``, to output rows ``rows[j]`` of that module. Rows no
+adapter covers keep the base output bit for bit (the delta is added in place to the
+covered rows only). The result for rows ``rows[j]`` equals a copy of the model with
+LoRA ``j`` merged into its weights, up to float rounding.
+
+The adapters of one module that share a form (low-rank linear, low-rank conv, Tucker,
+dense, same output slice) run as one batched matmul or one grouped convolution, ranks
+zero-padded to the largest, so the cost grows with the adapters' FLOPs and not with
+Python calls per adapter.
+
+Safety: only forward hooks are added (weights are never written), they are removed on
+exit, on any exception and on KeyboardInterrupt, and a module cannot be routed twice at
+once (nesting is an error, so is overlapping rows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import Dense, LowRank, OutputSlice, pieces
+
+__all__ = ["Router", "RoutingError", "routed"]
+
+
+class RoutingError(RuntimeError):
+    """Routing was asked for something it cannot do safely (nesting, unknown module, bad rows)."""
+
+
+_ACTIVE: weakref.WeakSet = weakref.WeakSet()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def _is_conv(module: nn.Module) -> bool:
+    # Forge's and other hosts' layers need not subclass torch.nn.Conv2d/Linear; a conv
+    # is recognised by its conv attributes, everything else is treated as linear.
+    return isinstance(module, nn.Conv2d) or (hasattr(module, "kernel_size") and hasattr(module, "stride"))
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+@dataclass
+class _ConvGeometry:
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    kernel: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _ConvGeometry:
+        if getattr(module, "groups", 1) != 1:
+            raise RoutingError(f"grouped convolutions are not supported as LoRA targets ({type(module).__name__})")
+        if getattr(module, "padding_mode", "zeros") != "zeros":
+            raise RoutingError(f"padding mode {module.padding_mode!r} is not supported as a LoRA target")
+        padding = module.padding if isinstance(module.padding, str) else _pair(module.padding)
+        return cls(_pair(module.stride), padding, _pair(getattr(module, "dilation", 1)), _pair(module.kernel_size))
+
+
+@dataclass
+class _Group:
+    """Pieces of one form on one module, stacked along a leading adapter dim ``M``."""
+
+    form: str  # "lr_linear" | "lr_conv" | "tucker" | "dense_linear" | "dense_conv"
+    out_slice: tuple[int, int] | None
+    members: list[int]  # adapter index of each stacked entry
+    stacks: dict[str, torch.Tensor]  # name -> [M, ...]
+    cache: dict = field(default_factory=dict)
+
+    def tensors(self, device, dtype) -> dict[str, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self.cache:
+            self.cache[key] = {k: v.to(device=device, dtype=dtype) for k, v in self.stacks.items()}
+        return self.cache[key]
+
+    @property
+    def nbytes(self) -> int:
+        seen, total = set(), 0
+        for tensors in (self.stacks, *self.cache.values()):
+            for t in tensors.values():
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def _pad_rank(t: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
+    if t.shape[dim] == rank:
+        return t
+    pad = [0, 0] * (t.dim() - dim - 1) + [0, rank - t.shape[dim]]
+    return F.pad(t, pad)
+
+
+def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    dtype = _common_dtype(tensors)
+    return torch.stack([t.to(dtype=dtype, device=tensors[0].device) for t in tensors])
+
+
+def _form(piece: LowRank | Dense, conv: bool) -> str:
+    if isinstance(piece, Dense):
+        return "dense_conv" if conv else "dense_linear"
+    if piece.mid is not None:
+        return "tucker"
+    return "lr_conv" if conv else "lr_linear"
+
+
+def _check_fit(name: str, piece: LowRank | Dense, conv: bool, geometry: _ConvGeometry | None) -> None:
+    kernel = piece.kernel_size
+    if conv:
+        if geometry.kernel is not None and kernel != geometry.kernel:
+            raise RoutingError(f"module {name!r}: adapter kernel {kernel} does not match the module's "
+                               f"{geometry.kernel}")
+    elif kernel != (1, 1):
+        raise RoutingError(f"module {name!r} is linear but the adapter has a {kernel} kernel")
+
+
+def _build_groups(name: str, entries: list[tuple[int, LowRank | Dense, tuple[int, int] | None]], conv: bool,
+                  geometry: _ConvGeometry | None) -> list[_Group]:
+    """Stack the pieces of one module by form; a second piece of the same adapter and form opens a new layer."""
+    by_key: dict[tuple, list[list[tuple[int, LowRank | Dense]]]] = {}
+    for j, piece, out_slice in entries:
+        _check_fit(name, piece, conv, geometry)
+        key = (_form(piece, conv), out_slice, piece.kernel_size, piece.in_features)
+        layers = by_key.setdefault(key, [])
+        for layer in layers:
+            if all(m != j for m, _ in layer):
+                layer.append((j, piece))
+                break
+        else:
+            layers.append([(j, piece)])
+    groups = []
+    for (form, out_slice, _kernel, _in), layers in by_key.items():
+        for layer in layers:
+            groups.append(_Group(form, out_slice, [j for j, _ in layer], _stack_form(form, [p for _, p in layer])))
+    return groups
+
+
+def _stack_form(form: str, items: list[LowRank | Dense]) -> dict[str, torch.Tensor]:
+    if form.startswith("dense"):
+        shape = (items[0].out_features, items[0].in_features, *items[0].kernel_size)
+        stacks = {"w": _stack([p.delta_tensor.reshape(shape) * p.scale for p in items])}
+        if any(p.bias is not None for p in items):
+            stacks["b"] = _stack([p.bias * p.scale if p.bias is not None else
+                                  torch.zeros(p.out_features, dtype=p.delta_tensor.dtype) for p in items])
+        if form == "dense_linear":
+            stacks["w"] = stacks["w"].flatten(2).transpose(1, 2).contiguous()  # [M, in, out]
+        return stacks
+    rank = max(p.rank for p in items)
+    if form == "lr_linear":
+        down = _stack([_pad_rank(p.down.flatten(1), 0, rank) for p in items])  # [M, r, in]
+        up = _stack([_pad_rank(p.up.flatten(1) * p.scale, 1, rank) for p in items])  # [M, out, r]
+        return {"down_t": down.transpose(1, 2).contiguous(), "up_t": up.transpose(1, 2).contiguous()}
+    if form == "lr_conv":
+        down = _stack([_pad_rank(p.down.reshape(p.rank, p.in_features, *p.kernel_size), 0, rank) for p in items])
+        up = _stack([_pad_rank(p.up.reshape(p.out_features, p.rank, 1, 1) * p.scale, 1, rank) for p in items])
+        return {"down": down, "up": up}
+    # Tucker: 1x1 down, spatial mid, 1x1 up
+    down = _stack([_pad_rank(p.down.reshape(p.down.shape[0], p.in_features, 1, 1), 0, rank) for p in items])
+    mid = _stack([_pad_rank(_pad_rank(p.mid, 0, rank), 1, rank) for p in items])
+    up = _stack([_pad_rank(p.up.reshape(p.out_features, p.rank, 1, 1) * p.scale, 1, rank) for p in items])
+    return {"down": down, "mid": mid, "up": up}
+
+
+def _grouped_conv(x: torch.Tensor, weight: torch.Tensor, m: int, geometry: _ConvGeometry | None) -> torch.Tensor:
+    """``x [L, M*cin, H, W]`` with ``weight [M, cout, cin, kh, kw]`` as one grouped convolution."""
+    w = weight.reshape(-1, *weight.shape[2:])
+    if geometry is None:
+        return F.conv2d(x, w, groups=m)
+    return F.conv2d(x, w, stride=geometry.stride, padding=geometry.padding, dilation=geometry.dilation, groups=m)
+
+
+def _group_delta(group: _Group, x: torch.Tensor, m: int, select: torch.Tensor | None,
+                 geometry: _ConvGeometry | None) -> torch.Tensor:
+    """Delta output for ``x`` holding ``m`` equal row blocks, block ``i`` for stacked entry ``select[i]``.
+
+    Returns ``[m * L, ...]`` in the module's output layout (rows in the same order as ``x``).
+    """
+    t = group.tensors(x.device, x.dtype)
+    if select is not None:
+        t = {k: v.index_select(0, select) for k, v in t.items()}
+    rows = x.shape[0] // m
+    if group.form in ("lr_linear", "dense_linear"):
+        flat = x.reshape(m, -1, x.shape[-1])
+        if group.form == "lr_linear":
+            out = torch.bmm(torch.bmm(flat, t["down_t"]), t["up_t"])
+        else:
+            out = torch.bmm(flat, t["w"])
+        if "b" in t:
+            out = out + t["b"].unsqueeze(1)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+    # Convolutions: adapters become groups of one convolution over [L, M*C, H, W].
+    xs = x if m == 1 else x.reshape(m, rows, *x.shape[1:]).transpose(0, 1).reshape(rows, -1, *x.shape[2:])
+    if group.form == "lr_conv":
+        h = _grouped_conv(xs, t["down"], m, geometry)
+        out = _grouped_conv(h, t["up"], m, None)
+    elif group.form == "tucker":
+        h = _grouped_conv(xs, t["down"], m, None)
+        h = _grouped_conv(h, t["mid"], m, geometry)
+        out = _grouped_conv(h, t["up"], m, None)
+    else:
+        out = _grouped_conv(xs, t["w"], m, geometry)
+    if "b" in t:
+        out = out + t["b"].reshape(1, -1, 1, 1)
+    if m == 1:
+        return out
+    return out.reshape(rows, m, -1, *out.shape[2:]).transpose(0, 1).reshape(m * rows, -1, *out.shape[2:])
+
+
+class _ModulePlan:
+    """Everything needed to route one target module."""
+
+    def __init__(self, name: str, module: nn.Module, entries, out_slice: tuple[int, int] | None):
+        self.name, self.module = name, module
+        self.conv = _is_conv(module)
+        self.geometry = _ConvGeometry.of(module) if self.conv else None
+        self.groups = _build_groups(name, entries, self.conv, self.geometry)
+        # Output features this plan writes: all, or one sub-projection of a packed weight.
+        self.features = slice(None) if out_slice is None else slice(out_slice[0], out_slice[0] + out_slice[1])
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor, spans: list[tuple[int, int] | None]) -> None:
+        """Add the deltas of the active adapters to ``out`` in place (``spans[j]`` = rows of adapter j)."""
+        batch = x.shape[0]
+        for group in self.groups:
+            active = []
+            for pos, j in enumerate(group.members):
+                span = spans[j]
+                if span is None:
+                    continue
+                start, stop = span
+                stop = batch if stop is None else stop
+                if stop > batch or start >= stop:
+                    raise RoutingError(f"rows {start}:{stop} of adapter {j} do not fit a batch of {batch} rows "
+                                       f"at module {self.name!r}")
+                active.append((pos, start, stop))
+            if active:
+                self._apply_group(group, x, out, active)
+
+    def _apply_group(self, group: _Group, x, out, active) -> None:
+        whole = len(active) == len(group.members)
+        length = active[0][2] - active[0][1]
+        first = active[0][1]
+        contiguous = all(stop - start == length and start == first + i * length
+                         for i, (_pos, start, stop) in enumerate(active))
+        if contiguous:
+            select = None if whole else torch.tensor([p for p, _, _ in active], device=x.device)
+            block = slice(first, first + length * len(active))
+            delta = _group_delta(group, x[block], len(active), select, self.geometry)
+            self._add(out, block, delta)
+            return
+        for pos, start, stop in active:  # uneven rows: one call per adapter
+            select = torch.tensor([pos], device=x.device)
+            delta = _group_delta(group, x[start:stop], 1, select, self.geometry)
+            self._add(out, slice(start, stop), delta)
+
+    def _add(self, out: torch.Tensor, rows: slice, delta: torch.Tensor) -> None:
+        target = out[rows]
+        target = target[:, self.features] if self.conv else target[..., self.features]
+        if target.shape != delta.shape:
+            raise RoutingError(f"module {self.name!r}: adapter output {list(delta.shape)} does not match the module "
+                               f"output {list(target.shape)}")
+        target.add_(delta.to(out.dtype))
+
+
+class Router:
+    """Adapters of N LoRAs prepared once for a set of target modules.
+
+    ``targets`` maps module names to modules (Linear-like or Conv2d-like; they need not
+    subclass the torch classes). ``adapters`` holds one adapter set per LoRA
+    (``name -> piece | list[piece]``, see :mod:`loratorio.lora`); every name must be a
+    target. Weights are stacked per module and form once here, and copied to the
+    compute device/dtype at first use; :attr:`nbytes` tells what is held.
+    """
+
+    def __init__(self, targets: Mapping[str, nn.Module], adapters: Sequence[Mapping]):
+        self.num_adapters = len(adapters)
+        per_module: dict[str, list] = {}
+        for j, adapter_set in enumerate(adapters):
+            for name, entry in adapter_set.items():
+                if name not in targets:
+                    raise RoutingError(f"adapter {j} names module {name!r}, which is not among the targets")
+                for piece in pieces(entry):
+                    out_slice = None
+                    if isinstance(piece, OutputSlice):
+                        out_slice, piece = (piece.offset, piece.size), piece.inner
+                    per_module.setdefault(name, []).append((j, piece, out_slice))
+        self._plans: list[_ModulePlan] = []
+        for name, entries in per_module.items():
+            # One plan per output slice keeps the add-in-place target a plain view.
+            slices = sorted({e[2] for e in entries}, key=lambda s: (s is not None, s))
+            for out_slice in slices:
+                self._plans.append(_ModulePlan(name, targets[name], [e for e in entries if e[2] == out_slice],
+                                               out_slice))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stacked adapter tensors and their device copies."""
+        return sum(g.nbytes for plan in self._plans for g in plan.groups)
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return list({id(p.module): p.module for p in self._plans}.values())
+
+    def _spans(self, rows: Sequence[slice | None]) -> list[tuple[int, int | None] | None]:
+        if len(rows) != self.num_adapters:
+            raise RoutingError(f"rows has {len(rows)} entries for {self.num_adapters} adapters")
+        spans = []
+        for j, r in enumerate(rows):
+            if r is None:
+                spans.append(None)
+                continue
+            if not isinstance(r, slice) or r.step not in (None, 1):
+                raise RoutingError(f"rows[{j}] must be a slice with step 1 or None, got {r!r}")
+            start = 0 if r.start is None else r.start
+            if start < 0 or (r.stop is not None and r.stop <= start):
+                raise RoutingError(f"rows[{j}] = {r!r} must be a non-empty slice with non-negative bounds")
+            spans.append((start, r.stop))
+        ordered = sorted((s for s in spans if s is not None), key=lambda s: s[0])
+        for (a0, a1), (b0, _b1) in itertools.pairwise(ordered):
+            if a1 is None or a1 > b0:
+                raise RoutingError(f"rows overlap: {a0}:{a1} and {b0}:...; each row may belong to one adapter")
+        return spans
+
+    @contextlib.contextmanager
+    def route(self, rows: Sequence[slice | None]) -> Iterator[None]:
+        """Route adapter ``j`` onto batch rows ``rows[j]`` (``None``: not in this call) for the block's duration."""
+        spans = self._spans(rows)
+        modules = self.modules
+        with _ACTIVE_LOCK:
+            busy = [m for m in modules if m in _ACTIVE]
+            if busy:
+                raise RoutingError("a target module is already being routed; nested or concurrent routing "
+                                   "of the same model is not allowed")
+            for m in modules:
+                _ACTIVE.add(m)
+        handles = []
+        try:
+            for plan in self._plans:
+                handles.append(plan.module.register_forward_hook(_make_hook(plan, spans), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            with _ACTIVE_LOCK:
+                for m in modules:
+                    _ACTIVE.discard(m)
+
+
+def _make_hook(plan: _ModulePlan, spans):
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        if not isinstance(output, torch.Tensor):
+            raise RoutingError(f"module {plan.name!r} returned {type(output).__name__}, not a tensor")
+        plan.apply(x, output, spans)
+
+    return hook
+
+
+def routed(targets: Mapping[str, nn.Module], adapters: Sequence[Mapping], rows: Sequence[slice | None]):
+    """Context manager: route ``adapters[j]`` onto ``rows[j]`` of every forward of ``targets`` (see :class:`Router`)."""
+    return Router(targets, adapters).route(rows)

@@ -1,0 +1,191 @@
+"""Routing equals merged weights, never writes weights, and never stays attached."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from loratorio.lora import Dense, LowRank, OutputSlice, delta_weight
+from loratorio.routing import Router, RoutingError, routed
+
+torch.manual_seed(0)
+
+
+class PlainLinear(nn.Module):
+    """A Linear-like layer that is not a torch.nn.Linear subclass (as in Forge)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin) / cin**0.5)
+        self.bias = nn.Parameter(torch.randn(cout))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def lowrank(cout, cin, r, kernel=None, scale=0.7):
+    if kernel is None:
+        return LowRank(torch.randn(r, cin), torch.randn(cout, r), scale)
+    return LowRank(torch.randn(r, cin, *kernel), torch.randn(cout, r, 1, 1), scale)
+
+
+def merged_copy(module, entry):
+    other = copy.deepcopy(module)
+    with torch.no_grad():
+        other.weight += delta_weight(entry, other.weight.shape).to(other.weight.dtype)
+        for piece in entry if isinstance(entry, list) else [entry]:
+            if isinstance(piece, Dense) and piece.bias is not None:
+                other.bias += piece.bias * piece.scale
+    return other
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def check_rows(module, adapters, rows, x):
+    """Every routed row block equals the module with that adapter merged; other rows are bit-identical."""
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        base = module(x)
+        with routed({"m": module}, [{"m": a} for a in adapters], rows):
+            out = module(x)
+        covered = torch.zeros(x.shape[0], dtype=torch.bool)
+        for entry, r in zip(adapters, rows):
+            if r is None:
+                continue
+            ref = merged_copy(module, entry)(x[r])
+            assert rel_err(out[r], ref) < 1e-4
+            covered[r] = True
+        assert torch.equal(out[~covered], base[~covered])
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert not module._forward_hooks
+
+
+@pytest.mark.parametrize("layer", ["torch", "plain"])
+def test_linear_lowrank_rows_equal_merged(layer):
+    module = nn.Linear(12, 10) if layer == "torch" else PlainLinear(12, 10)
+    adapters = [lowrank(10, 12, 4), lowrank(10, 12, 2), lowrank(10, 12, 3)]
+    x = torch.randn(8, 5, 12)
+    check_rows(module, adapters, [slice(0, 2), slice(2, 4), slice(4, 6)], x)
+
+
+def test_uneven_and_sparse_rows_and_inactive_adapter():
+    module = nn.Linear(6, 7)
+    adapters = [lowrank(7, 6, 2), lowrank(7, 6, 3), lowrank(7, 6, 1)]
+    x = torch.randn(9, 6)
+    check_rows(module, adapters, [slice(5, 6), None, slice(0, 3)], x)
+    check_rows(module, adapters, [slice(1, 2), slice(3, 9), None], x)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 0, 1), (2, 2, 2)])
+def test_conv_lowrank_with_geometry(stride, padding, dilation):
+    module = nn.Conv2d(5, 6, 3, stride=stride, padding=padding, dilation=dilation)
+    adapters = [lowrank(6, 5, 3, kernel=(3, 3)), lowrank(6, 5, 2, kernel=(3, 3))]
+    x = torch.randn(4, 5, 11, 9)
+    check_rows(module, adapters, [slice(0, 2), slice(2, 4)], x)
+
+
+def test_conv_1x1_with_linear_shaped_factors():
+    module = nn.Conv2d(5, 6, 1)
+    adapters = [lowrank(6, 5, 3), lowrank(6, 5, 2, kernel=(1, 1))]
+    check_rows(module, adapters, [slice(0, 1), slice(1, 3)], torch.randn(3, 5, 4, 4))
+
+
+def test_tucker_mid():
+    module = nn.Conv2d(4, 6, 3, padding=1, stride=2)
+    tucker = LowRank(torch.randn(3, 4, 1, 1), torch.randn(6, 3, 1, 1), 0.5, mid=torch.randn(3, 3, 3, 3))
+    tucker2 = LowRank(torch.randn(2, 4, 1, 1), torch.randn(6, 2, 1, 1), 1.5, mid=torch.randn(2, 2, 3, 3))
+    check_rows(module, [tucker, tucker2], [slice(0, 2), slice(2, 4)], torch.randn(4, 4, 8, 8))
+
+
+def test_dense_linear_and_conv_with_bias():
+    lin = nn.Linear(6, 5)
+    dense = [Dense(torch.randn(5, 6), 0.3, bias=torch.randn(5)), Dense(torch.randn(5, 6), 2.0)]
+    check_rows(lin, dense, [slice(0, 2), slice(2, 3)], torch.randn(3, 4, 6))
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    dense = [Dense(torch.randn(4, 3, 3, 3), 0.3, bias=torch.randn(4)), Dense(torch.randn(4, 3, 3, 3))]
+    check_rows(conv, dense, [slice(0, 1), slice(1, 3)], torch.randn(3, 3, 6, 6))
+
+
+def test_mixed_forms_on_one_module():
+    module = nn.Linear(8, 9)
+    adapters = [lowrank(9, 8, 2), Dense(torch.randn(9, 8), 0.1), [lowrank(9, 8, 2), lowrank(9, 8, 5)]]
+    check_rows(module, adapters, [slice(0, 2), slice(2, 4), slice(4, 6)], torch.randn(6, 8))
+
+
+def test_output_slice_packed_qkv():
+    module = PlainLinear(8, 24)  # q, k, v packed, 8 features each
+    q = OutputSlice(lowrank(8, 8, 2), 0, 8)
+    v = OutputSlice(lowrank(8, 8, 3), 16, 8)
+    other = OutputSlice(Dense(torch.randn(8, 8), 0.5), 8, 8)
+    check_rows(module, [[q, v], other], [slice(0, 2), slice(2, 5)], torch.randn(5, 3, 8))
+
+
+def test_fp16_and_bf16_inputs():
+    for dtype in (torch.bfloat16, torch.float16):
+        module = nn.Linear(16, 16).to(dtype)
+        adapters = [lowrank(16, 16, 4), lowrank(16, 16, 4)]
+        x = torch.randn(4, 16, dtype=dtype)
+        with torch.no_grad(), routed({"m": module}, [{"m": a} for a in adapters], [slice(0, 2), slice(2, 4)]):
+            out = module(x)
+        ref = merged_copy(module.float(), adapters[1])(x[2:].float())
+        module.to(dtype)
+        assert out.dtype == dtype
+        assert rel_err(out[2:].float(), ref) < 2e-2
+
+
+def test_hooks_removed_on_exception_and_keyboard_interrupt():
+    module = nn.Linear(4, 4)
+    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)), routed({"m": module}, [{"m": lowrank(4, 4, 2)}], [slice(0, 1)]):
+            assert len(module._forward_hooks) == 1
+            raise exc
+        assert not module._forward_hooks
+    # the module can be routed again afterwards
+    with routed({"m": module}, [{"m": lowrank(4, 4, 2)}], [slice(0, 1)]):
+        module(torch.randn(1, 4))
+    assert not module._forward_hooks
+
+
+def test_exception_inside_forward_removes_hooks():
+    module = nn.Linear(4, 4)
+    with pytest.raises(RoutingError, match="do not fit a batch"), \
+            routed({"m": module}, [{"m": lowrank(4, 4, 2)}], [slice(0, 8)]):
+        module(torch.randn(3, 4))
+    assert not module._forward_hooks
+
+
+def test_nesting_and_overlap_are_errors():
+    module = nn.Linear(4, 4)
+    router = Router({"m": module}, [{"m": lowrank(4, 4, 2)}, {"m": lowrank(4, 4, 2)}])
+    with router.route([slice(0, 1), None]):
+        with pytest.raises(RoutingError, match="already being routed"), router.route([None, slice(1, 2)]):
+            pass
+        assert len(module._forward_hooks) == 1
+    assert not module._forward_hooks
+    with pytest.raises(RoutingError, match="overlap"), router.route([slice(0, 3), slice(2, 4)]):
+        pass
+    with pytest.raises(RoutingError, match="entries for 2 adapters"), router.route([slice(0, 3)]):
+        pass
+    assert not module._forward_hooks
+
+
+def test_unknown_module_and_bad_kernel_are_clear_errors():
+    with pytest.raises(RoutingError, match="not among the targets"):
+        Router({"m": nn.Linear(4, 4)}, [{"x": lowrank(4, 4, 1)}])
+    with pytest.raises(RoutingError, match="kernel"):
+        Router({"m": nn.Conv2d(4, 4, 3)}, [{"m": lowrank(4, 4, 1, kernel=(1, 1))}])
+
+
+def test_router_memory_holds_no_dense_expansion():
+    module = nn.Linear(256, 256)
+    adapters = [{"m": lowrank(256, 256, 16)} for _ in range(4)]
+    loaded = sum(a["m"].nbytes for a in adapters)
+    router = Router({"m": module}, adapters)
+    with router.route([slice(i, i + 1) for i in range(4)]):
+        module(torch.randn(4, 256))
+    assert router.nbytes <= 2 * loaded
+    assert router.nbytes < 256 * 256 * 4  # less than one dense delta
