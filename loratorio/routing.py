@@ -80,9 +80,21 @@ class _Group:
     cache: dict = field(default_factory=dict)
 
     def tensors(self, device, dtype) -> dict[str, torch.Tensor]:
-        key = (device, dtype)
+        """The stacks on the compute device and dtype, holding at most one extra copy.
+
+        A move to another device or a widening cast replaces the stacks (nothing is lost);
+        a narrowing cast keeps the wider source and one narrow copy beside it.
+        """
+        source = next(iter(self.stacks.values()))
+        if source.device == torch.device(device) and source.dtype == dtype:
+            return self.stacks
+        key = (torch.device(device), dtype)
         if key not in self.cache:
-            self.cache[key] = {k: v.to(device=device, dtype=dtype) for k, v in self.stacks.items()}
+            converted = {k: v.to(device=device, dtype=dtype) for k, v in self.stacks.items()}
+            if torch.promote_types(source.dtype, dtype) == dtype:
+                self.stacks, self.cache = converted, {}
+                return converted
+            self.cache = {key: converted}
         return self.cache[key]
 
     @property
