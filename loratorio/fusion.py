@@ -184,8 +184,9 @@ def _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_siz
 
 
 def _mix(weights: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
-    """Steps 7-8: ``sum_i w_i * pred_i`` in float32 (``[N, B, 1, H, W]`` x ``[N, B, C, H, W]``)."""
-    return torch.einsum("nbchw,nbchw->bchw", weights.expand_as(preds), preds.float())
+    """Steps 7-8: ``sum_i w_i * pred_i`` (``[N, B, 1, H, W]`` x ``[N, B, C, H, W]``), at least float32."""
+    dtype = torch.promote_types(preds.dtype, torch.float32)
+    return (weights.to(dtype) * preds.to(dtype)).sum(0)
 
 
 def compose(
@@ -228,5 +229,6 @@ def compose(
             uncond = base_uncond
         else:
             mixed = _mix(weights, lora_uncond)
-            uncond = (recenter * mixed + (1.0 - recenter) * base_uncond.float()).to(base_uncond.dtype)
+            base = base_uncond.to(mixed.dtype)
+            uncond = (recenter * mixed + (1.0 - recenter) * base).to(base_uncond.dtype)
     return Composition(cond=cond, uncond=uncond, weights=weights)
