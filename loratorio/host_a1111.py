@@ -1,0 +1,816 @@
+"""AUTOMATIC1111 WebUI adapter (1.6 - 1.10).
+
+How LoRAtorio runs inside A1111:
+
+- **Branches** come from the ``<lora:...>`` tags of the batch's first prompt (and the
+  candidate pool); the built-in Lora extension loads them (``networks.load_network``)
+  and this module turns its modules into adapters: LoRA/LoCon factors as
+  :class:`~loratorio.lora.LowRank`, every other type as the full delta its own
+  ``calc_updown`` computes (:class:`~loratorio.lora.Dense`).
+- **The built-in stays off the composed tags**: in ``after_extra_networks_activate`` the
+  composed networks are removed from ``networks.loaded_networks`` and from the
+  extra-network data of the processing object (which is part of the conditioning cache
+  key), so the infotext keeps "Lora hashes" and nothing is merged.
+- **Per-branch text encoder**: each branch's conditioning is computed through the
+  WebUI's prompt parser with that LoRA's text-encoder adapters routed onto every row
+  (packed attention projections merged for the duration of the call and restored bit
+  for bit), so prompt editing, AND, BREAK, emphasis and SDXL's two encoders apply.
+- **Each step** (``on_cfg_denoiser`` / ``on_cfg_denoised``): A1111 runs the base cond and
+  uncond rows unchanged; then one extra routed call of the inner model evaluates the
+  branch rows (chunked by the max-rows setting), the :class:`~loratorio.engine.Composer`
+  fuses them (method steps 1-8), and the fused cond rows and re-centred uncond rows are
+  written back into the denoiser's output in place; A1111's own CFG combines them.
+  k-diffusion samplers give *denoised* predictions (fused with ``x``), DDIM/PLMS/UniPC
+  give *noise* predictions.
+
+Exceptions inside these hooks stop the generation through the WebUI's interrupt (a
+script hook's exception alone would not stop it), with the cause in the console, the
+comments and the infotext; routing hooks and temporary merges never outlive one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import host_common as hc
+from .host_common import STATE_ATTR, GenerationState, get_state
+from .lora import Dense, LowRank, OutputSlice, delta_weight
+from .settings import SettingsError
+
+__all__ = ["CACHE", "A1111Bridge", "convert_network"]
+
+log = logging.getLogger("loratorio")
+
+CACHE = hc.AdapterCache(hc.CACHE_DEFAULT_MB)
+
+# The generation in progress, for 1.6/1.7 callbacks whose params carry no denoiser.
+# Only a weak pointer: all of a generation's data lives on its processing object.
+_current: dict[str, weakref.ref | None] = {"p": None}
+
+_PACKED_SUFFIXES = ("_q_proj", "_k_proj", "_v_proj")
+
+
+def _networks():
+    import networks  # the built-in Lora extension's module, importable once it has loaded
+
+    return networks
+
+
+def _shared():
+    from modules import shared
+
+    return shared
+
+
+# -- LoRA files through the built-in loader ----------------------------------------------------
+
+
+def _is_routable(module) -> bool:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
+        return False
+    return not isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.Embedding))
+
+
+def _layer_name(module, key: str) -> str:
+    return getattr(module, "network_layer_name", None) or key
+
+
+def convert_network(net, mapping: Mapping[str, nn.Module]) -> hc.LoadedLora:
+    """Adapters (multiplier 1) from a built-in ``network.Network``.
+
+    LoRA/LoCon modules give their factors and ``calc_scale()``; other module types (and
+    DoRA) give the delta of their own ``calc_updown`` with the multipliers set to 1.
+    Text-encoder layers are the ones the built-in treats so (``'transformer'`` in the
+    first 20 characters of the layer key). The q/k/v parts of a ``MultiheadAttention``
+    and its ``out_proj`` are used as weights, not called as modules, so they go to
+    ``te_merge`` (merged around the text-encoder pass only).
+    """
+    loaded = hc.LoadedLora()
+    saved = (net.te_multiplier, net.unet_multiplier, getattr(net, "dyn_dim", None))
+    net.te_multiplier = net.unet_multiplier = 1.0
+    net.dyn_dim = None
+    try:
+        for key, module in net.modules.items():
+            target = module.sd_module
+            is_te = "transformer" in str(getattr(module, "sd_key", key))[:20]
+            loaded.kinds.add(type(module).__name__)
+            kind, name, piece = _convert_module(key, module, target, mapping)
+            if piece is None:
+                loaded.unmatched += 1
+                continue
+            bucket = {"merge": loaded.te_merge, "route": loaded.te if is_te else loaded.unet}[kind]
+            if kind == "merge" and not is_te:
+                loaded.unmatched += 1  # packed attention only exists in the text encoders of SD models
+                continue
+            bucket.setdefault(name, []).append(piece)
+    finally:
+        net.te_multiplier, net.unet_multiplier, net.dyn_dim = saved
+    for bucket in (loaded.unet, loaded.te, loaded.te_merge):
+        for name, items in bucket.items():
+            if len(items) == 1:
+                bucket[name] = items[0]
+    return loaded
+
+
+def _factor(layer) -> torch.Tensor | None:
+    return None if layer is None else layer.weight.detach()
+
+
+def _convert_module(key: str, module, target, mapping):
+    """``(kind, target name, piece)``; kind "route" (output hook) or "merge" (packed weight)."""
+    if isinstance(target, nn.MultiheadAttention):
+        suffix = next((s for s in _PACKED_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            return "merge", key, None
+        index = _PACKED_SUFFIXES.index(suffix)
+        size = target.embed_dim
+        inner = _lowrank_or_dense(module, target.in_proj_weight, size)
+        name = _layer_name(target, key[: -len(suffix)])
+        return "merge", name, None if inner is None else OutputSlice(inner, index * size, size)
+    if not _is_routable(target):
+        return "route", key, None
+    name = _layer_name(target, key)
+    parent = mapping.get(name[: -len("_out_proj")]) if name.endswith("_out_proj") else None
+    piece = _lowrank_or_dense(module, target.weight, None)
+    if isinstance(parent, nn.MultiheadAttention):
+        return "merge", name, piece
+    return "route", name, piece
+
+
+def _lowrank_or_dense(module, weight: torch.Tensor, rows: int | None):
+    up, down = _factor(getattr(module, "up_model", None)), _factor(getattr(module, "down_model", None))
+    if up is not None and down is not None and getattr(module, "dora_scale", None) is None:
+        mid = _factor(getattr(module, "mid_model", None))
+        if weight.dim() == 2:
+            down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
+        return LowRank(down, up, float(module.calc_scale()), mid)
+    with torch.no_grad():
+        delta, bias = module.calc_updown(weight)
+    delta = delta.detach().to("cpu")
+    delta = delta.reshape(rows, *weight.shape[1:]) if rows is not None else delta.reshape(weight.shape)
+    return Dense(delta, 1.0, None if bias is None else bias.detach().to("cpu").reshape(-1))
+
+
+class A1111Bridge(hc.HostBridge):
+    """The built-in Lora extension's file list and loader, and the model's layer names."""
+
+    def __init__(self):
+        shared = _shared()
+        self.networks = _networks()
+        self.model = shared.sd_model
+        self.default_multiplier = float(getattr(shared.opts, "extra_networks_default_multiplier", 1.0) or 1.0)
+        self._mapping = None
+
+    def model_key(self):
+        info = getattr(self.model, "sd_checkpoint_info", None)
+        return (id(self.model), getattr(info, "filename", None), getattr(self.model, "sd_model_hash", None))
+
+    def mapping(self) -> Mapping[str, nn.Module]:
+        if self._mapping is None:
+            mapping = getattr(self.model, "network_layer_mapping", None)
+            if not mapping:
+                self.networks.assign_network_names_to_compvis_modules(self.model)
+                mapping = self.model.network_layer_mapping
+            self._mapping = mapping
+        return self._mapping
+
+    def _on_disk(self, name: str):
+        nets = self.networks
+
+        def look():
+            if name.lower() in getattr(nets, "forbidden_network_aliases", {}):
+                return nets.available_networks.get(name)
+            return nets.available_network_aliases.get(name)
+
+        found = look()
+        if found is None and hasattr(nets, "update_available_networks_by_names"):
+            nets.update_available_networks_by_names([name])
+            found = look()
+        return found
+
+    def find_lora(self, name: str) -> hc.LoraFile | None:
+        on_disk = self._on_disk(name)
+        if on_disk is None or not getattr(on_disk, "filename", None):
+            return None
+        return hc.LoraFile.at(name, on_disk.filename)
+
+    def available_loras(self) -> list[str]:
+        return sorted(self.networks.available_networks)
+
+    def load_lora(self, lora_file: hc.LoraFile) -> hc.LoadedLora:
+        on_disk = self._on_disk(lora_file.name)
+        if on_disk is None:
+            raise hc.LoraLoadError("not found")
+        net = self.networks.load_network(lora_file.name, on_disk)
+        if net is None:
+            raise hc.LoraLoadError("the Lora extension returned nothing")
+        return convert_network(net, self.mapping())
+
+    def _targets(self, unet: bool) -> dict[str, nn.Module]:
+        return {k: m for k, m in self.mapping().items() if k.startswith("diffusion_model_") == unet}
+
+    def unet_targets(self):
+        return self._targets(True)
+
+    def te_targets(self):
+        return self._targets(False)
+
+
+def lora_names() -> list[str]:
+    try:
+        return sorted(_networks().available_networks)
+    except Exception:
+        return []
+
+
+def refresh_loras() -> None:
+    _networks().list_available_networks()
+
+
+# -- per-branch text conditioning -------------------------------------------------------------
+
+
+def _settle_builtin(module) -> None:
+    """Let the built-in Lora finish its own merge of ``module`` before a temporary merge.
+
+    Its merge is lazy and restores from its own backup when the wanted set changes; a
+    pending merge running inside our temporary one would make our restore wrong.
+    """
+    apply = getattr(_networks(), "network_apply_weights", None)
+    if apply is not None and getattr(module, "network_layer_name", None):
+        apply(module)
+
+
+@contextlib.contextmanager
+def _text_encoder_branch(branch: hc.Branch, targets: Mapping[str, nn.Module]):
+    """Route one branch's text-encoder adapters onto every row; merge packed ones meanwhile."""
+    from .routing import Router
+
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for name, entry in branch.te_merge.items():
+            module = targets[name]
+            owner = module
+            if name.endswith("_out_proj"):
+                owner = targets.get(name[: -len("_out_proj")], module)
+            _settle_builtin(owner)
+            param = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+            delta = delta_weight(entry, param.shape).to(param.device, param.dtype)
+            saved.append((param, param.detach().clone()))
+            with torch.no_grad():
+                param.add_(delta)
+        if branch.te:
+            with Router(targets, [branch.te]).route([slice(0, None)]):
+                yield
+        else:
+            yield
+    finally:
+        with torch.no_grad():
+            for param, original in reversed(saved):
+                param.copy_(original)
+
+
+@dataclass
+class _PassConds:
+    """Branch conditionings of one sampling pass (None: the branch uses the base conds)."""
+
+    pass_id: str
+    cond: list  # per branch: MulticondLearnedConditioning | None
+    uncond: list  # per branch: list of schedules | None
+
+
+def _branch_conds(state: GenerationState, bridge: A1111Bridge, prompts, negative_prompts, width, height,
+                  steps, hires_steps, pass_id) -> _PassConds:
+    from modules import devices, prompt_parser
+
+    shared = _shared()
+    use_old = bool(getattr(shared.opts, "use_old_scheduling", False))
+    c_all, uc_all = [], []
+    te_targets = bridge.te_targets()
+    for branch in state.branches:
+        if not state.settings.text_encoder_per_branch or not (branch.te or branch.te_merge):
+            c_all.append(None)
+            uc_all.append(None)
+            continue
+        pos = prompt_parser.SdConditioning(list(prompts), width=width, height=height)
+        neg = prompt_parser.SdConditioning(list(negative_prompts), width=width, height=height, is_negative_prompt=True)
+        with torch.no_grad(), devices.autocast(), _text_encoder_branch(branch, te_targets):
+            c = prompt_parser.get_multicond_learned_conditioning(shared.sd_model, pos, steps, hires_steps, use_old)
+            uc = None
+            if state.settings.recenter > 0:
+                uc = prompt_parser.get_learned_conditioning(shared.sd_model, neg, steps, hires_steps, use_old)
+        c_all.append(c)
+        uc_all.append(uc)
+    return _PassConds(pass_id, c_all, uc_all)
+
+
+def _first_pass_conds(p, state, bridge) -> _PassConds:
+    from modules import sd_samplers
+
+    config = sd_samplers.find_sampler_config(p.sampler_name)
+    total = config.total_steps(p.steps) if config else p.steps
+    return _branch_conds(state, bridge, p.prompts, p.negative_prompts, p.width, p.height, total, None, "first")
+
+
+def _hires_conds(p, state, bridge) -> _PassConds:
+    from modules import sd_samplers
+
+    config = sd_samplers.find_sampler_config(getattr(p, "hr_sampler_name", None) or p.sampler_name)
+    steps = getattr(p, "hr_second_pass_steps", 0) or p.steps
+    total = config.total_steps(steps) if config else steps
+    first = getattr(p, "firstpass_steps", None) or p.steps
+    return _branch_conds(state, bridge, p.hr_prompts, p.hr_negative_prompts, p.hr_upscale_to_x, p.hr_upscale_to_y,
+                         first, total, "hr")
+
+
+# -- generation lifecycle (called by the script) ------------------------------------------------
+
+
+def _comment(p, text: str) -> None:
+    comment = getattr(p, "comment", None)
+    if callable(comment):
+        comment(text)
+
+
+def _usable(state: GenerationState | None) -> bool:
+    return state is not None and state.refused is None and state.error is None
+
+
+def _refuse_job(p, message: str) -> None:
+    """Invalid settings: no image is made; the reason goes to the console, comments and info."""
+    text = f"LoRAtorio: {message}"
+    log.error(text)
+    print(text)
+    _comment(p, text)
+    p.extra_generation_params[hc.INFOTEXT_KEYS["note"]] = f"refused: {message}"
+    _shared().state.interrupt()
+
+
+def _fail(p, state: GenerationState | None, exc: BaseException, where: str) -> None:
+    """An error inside our hooks: stop the generation cleanly and say why."""
+    text = f"LoRAtorio stopped the generation ({where}): {type(exc).__name__}: {exc}"
+    try:
+        from modules import errors
+
+        errors.report(text, exc_info=True)
+    except Exception:
+        log.exception(text)
+    if state is not None:
+        state.error = exc
+        state.close()
+        p.extra_generation_params.update(state.infotext())
+    _comment(p, text)
+    _shared().state.interrupt()
+
+
+@contextlib.contextmanager
+def _guarded(p, where: str):
+    try:
+        yield
+    except Exception as exc:
+        _fail(p, get_state(p), exc, where)
+
+
+def _refusal(p) -> str | None:
+    shared = _shared()
+    model = shared.sd_model
+    if getattr(p, "refiner_checkpoint_info", None) is not None:
+        return ("a refiner is set; LoRAtorio composes branches of one model and cannot follow a checkpoint switch "
+                "during sampling. Turn the refiner off to use LoRAtorio")
+    if getattr(model, "cond_stage_key", None) == "edit":
+        return "InstructPix2Pix-style edit models are not supported"
+    if getattr(getattr(model, "model", None), "conditioning_key", None) == "crossattn-adm":
+        return "unCLIP models are not supported"
+    if hasattr(model, "forge_objects"):
+        return "this is Forge; the A1111 adapter cannot run here"
+    return None
+
+
+def process(p, *args) -> None:
+    setattr(p, STATE_ATTR, None)
+    _current["p"] = None  # a new job: never follow an older one's state
+    shared = _shared()
+    try:
+        settings = hc.settings_for(p, args, shared.opts)
+    except SettingsError as exc:
+        _refuse_job(p, str(exc))
+        return
+    if not settings.enabled:
+        return
+    state = GenerationState(settings)
+    setattr(p, STATE_ATTR, state)
+    _current["p"] = weakref.ref(p)
+    with _guarded(p, "process"):
+        CACHE.set_limit(hc.cache_limit_mb(shared.opts))
+        reason = _refusal(p)
+        if reason:
+            state.refuse(reason)
+            _comment(p, f"LoRAtorio: {reason}; generating without it")
+        p.extra_generation_params.update(state.infotext())
+
+
+def before_process_batch(p, *args, prompts=None, **kwargs) -> None:
+    state = get_state(p)
+    if not _usable(state):
+        return
+    state.composer = None
+    with _guarded(p, "loading LoRAs"):
+        bridge = A1111Bridge()
+        prompt = (prompts or p.prompts or [""])[0]
+        if state.load(prompt, bridge, CACHE) or state.router is None:
+            state.router = None
+            if state.branches:
+                from .routing import Router
+
+                state.router = Router(bridge.unet_targets(), [b.unet for b in state.branches])
+        state.extra["bridge"] = bridge
+        state.extra.pop("conds", None)
+        p.extra_generation_params.update(state.infotext())
+        report = state.report()
+        if report and state.skipped:
+            print(report)
+
+
+def after_extra_networks_activate(p, *args, extra_network_data=None, **kwargs) -> None:
+    """Take the composed LoRAs away from the built-in before it merges anything (it merges lazily)."""
+    state = get_state(p)
+    if not _usable(state) or not state.branches:
+        return
+    with _guarded(p, "keeping the built-in Lora off the composed LoRAs"):
+        names = state.handled_names
+        loaded = _networks().loaded_networks
+        loaded[:] = [n for n in loaded if (getattr(n, "mentioned_name", None) or n.name) not in names]
+        if extra_network_data is not None:
+            for key in ("lora", "lyco"):
+                entries = extra_network_data.get(key)
+                if not entries:
+                    continue
+                entries[:] = [e for e in entries if not (e.items and e.items[0] in names)]
+                if not entries:
+                    del extra_network_data[key]
+
+
+def process_batch(p, *args, **kwargs) -> None:
+    state = get_state(p)
+    if not _usable(state) or not state.branches:
+        return
+    with _guarded(p, "text encoder"):
+        bridge = state.extra.get("bridge") or A1111Bridge()
+        state.extra["conds"] = _first_pass_conds(p, state, bridge)
+        state.extra["pass"] = "first"
+        state.extra["model_id"] = id(_shared().sd_model)
+        state.new_composer()
+
+
+def postprocess_image(p, pp, *args) -> None:
+    state = get_state(p)
+    if state is not None and state.settings.composition_map and state.composer is not None:
+        state.extra.setdefault("images", []).append(pp.image)
+
+
+def postprocess_batch(p, *args, **kwargs) -> None:
+    state = get_state(p)
+    if state is None:
+        return
+    with _guarded(p, "recording the composition map"):
+        state.record_map(state.extra.get("map_rows"))
+        state.count_dropped()
+        if state.composer is not None:
+            state.composer.dropped.clear()
+        p.extra_generation_params.update(state.infotext())
+
+
+def postprocess(p, processed, *args) -> None:
+    state = get_state(p)
+    if state is None:
+        return
+    try:
+        report = state.report()
+        if report and (state.skipped or state.refused or state.dropped):
+            _comment(p, report)
+        if state.maps and state.error is None:
+            _append_maps(state, processed)
+    except Exception as exc:  # the images are made; a failed map must not lose them
+        log.exception("LoRAtorio: composition map failed: %s", exc)
+    finally:
+        state.close()
+        state.extra.pop("images", None)
+        current = _current["p"]
+        if current is not None and current() is p:
+            _current["p"] = None
+
+
+def _append_maps(state: GenerationState, processed) -> None:
+    from .compmap import render_map
+
+    images = state.extra.get("images") or []
+    first = getattr(processed, "index_of_first_image", 0)
+    infotexts = getattr(processed, "infotexts", None)
+    for i, (weights, names) in enumerate(state.maps):
+        if i < len(images):
+            base = images[i]
+        elif first + i < len(processed.images):
+            base = processed.images[first + i]
+        else:
+            break
+        processed.images.append(render_map(base, weights, names))
+        if infotexts is not None and len(infotexts) > first + i:
+            infotexts.append(infotexts[first + i])
+
+
+# -- the per-step hook ---------------------------------------------------------------------------
+
+
+@dataclass
+class _StepInput:
+    x: torch.Tensor
+    sigma: torch.Tensor
+    image_cond: torch.Tensor
+    text_cond: object
+    text_uncond: object
+    denoiser: object
+    eval_index: int
+
+
+def _p_of(params):
+    denoiser = getattr(params, "denoiser", None)
+    p = getattr(denoiser, "p", None)
+    if p is not None:
+        return p, denoiser
+    ref = _current["p"]
+    p = ref() if ref is not None else None
+    if p is None:
+        return None, None
+    sampler = getattr(p, "sampler", None)
+    return p, getattr(sampler, "model_wrap_cfg", None)
+
+
+def on_cfg_denoiser(params) -> None:
+    p, denoiser = _p_of(params)
+    state = get_state(p) if p is not None else None
+    if not _usable(state) or state.composer is None or denoiser is None:
+        return
+    state.extra.pop("pending", None)
+    with _guarded(p, "preparing a step"):
+        if not _prepare_pass(p, state):
+            return
+        state.extra["pending"] = _StepInput(params.x, params.sigma, params.image_cond, params.text_cond,
+                                            params.text_uncond, denoiser, int(getattr(denoiser, "step", 0)))
+
+
+def on_cfg_denoised(params) -> None:
+    # CFGDenoisedParams carry no denoiser: the generation in progress is the one to look at
+    ref = _current["p"]
+    p = ref() if ref is not None else None
+    state = get_state(p) if p is not None else None
+    if not _usable(state):
+        return
+    pending = state.extra.pop("pending", None)
+    if pending is None or state.composer is None:
+        return
+    with _guarded(p, "composing a step"):
+        _run_step(p, state, pending, params.x, params.inner_model)
+
+
+def _prepare_pass(p, state: GenerationState) -> bool:
+    """Start of a sampling pass: hires conds and a restarted schedule. False: skip this pass."""
+    pass_id = "hr" if getattr(p, "is_hr_pass", False) else "first"
+    if state.extra.get("pass") == pass_id:
+        return not state.extra.get("pass_off", False)
+    state.extra["pass"] = pass_id
+    state.extra["pass_off"] = False
+    if id(_shared().sd_model) != state.extra.get("model_id"):
+        state.extra["pass_off"] = True
+        note = "the model changed during the generation (hires checkpoint?); not applied after the change"
+        if note not in state.notes:
+            state.notes.append(note)
+        return False
+    if pass_id == "hr":
+        bridge = state.extra.get("bridge") or A1111Bridge()
+        state.extra["conds"] = _hires_conds(p, state, bridge)
+    state.composer.new_pass()
+    return True
+
+
+def _step_index(denoiser, eval_index: int) -> int:
+    """0-based sampling step of the pass from the denoiser's evaluation count.
+
+    ``state.sampling_step`` lags one step behind on k-diffusion samplers (it is set by the
+    sampler's callback after each step); second-order samplers evaluate twice per step
+    and A1111 counts that in ``total_steps``.
+    """
+    steps = getattr(denoiser, "steps", None) or 0
+    total = getattr(denoiser, "total_steps", None) or 0
+    per_step = max(1, int(total) // int(steps)) if steps and total else 1
+    index = eval_index // per_step
+    return min(index, steps - 1) if steps else index
+
+
+def _denoised_form(denoiser) -> bool:
+    """k-diffusion samplers give denoised predictions; timestep samplers give noise."""
+    try:
+        from modules import sd_samplers_timesteps
+
+        return not isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps)
+    except ImportError:
+        return type(denoiser).__name__ != "CFGDenoiserTimesteps"
+
+
+def _nrows(cond) -> int:
+    return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]
+
+
+def _ntokens(cond) -> int:
+    return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[1]
+
+
+def _sub(cond, a: int, b: int):
+    if isinstance(cond, dict):
+        return {k: v[a:b] for k, v in cond.items()}
+    return cond[a:b]
+
+
+def _cat(conds: list):
+    if isinstance(conds[0], dict):
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return torch.cat(conds)
+
+
+def _condition(text, image_cond):
+    if isinstance(text, dict):
+        return {**text, "c_concat": [image_cond]}
+    return {"c_crossattn": [text], "c_concat": [image_cond]}
+
+
+def _conds_list(p, denoiser, eval_index: int, state: GenerationState):
+    """Rows of each image's sub-prompts with their AND weights, as the denoiser laid them out."""
+    conds = state.extra.get("conds")
+    source = None
+    if conds is not None:
+        source = next((c for c in conds.cond if c is not None), None)
+    if source is None:
+        sampler = getattr(denoiser, "sampler", None) or getattr(p, "sampler", None)
+        source = (getattr(sampler, "sampler_extra_args", None) or {}).get("cond")
+    if source is None:
+        source = p.get_conds()[0]
+    rows, out = 0, []
+    for composables in source.batch:
+        out.append([(rows + i, float(c.weight)) for i, c in enumerate(composables)])
+        rows += len(composables)
+    return out
+
+
+def _branch_text(state, j: int, base_cond, base_uncond, eval_index: int):
+    from modules import prompt_parser
+
+    conds: _PassConds | None = state.extra.get("conds")
+    c, uc = base_cond, base_uncond
+    if conds is not None and conds.cond[j] is not None:
+        _, c = prompt_parser.reconstruct_multicond_batch(conds.cond[j], eval_index)
+        if conds.uncond[j] is not None:
+            uc = prompt_parser.reconstruct_cond_batch(conds.uncond[j], eval_index)
+    return c, uc
+
+
+def _run_step(p, state: GenerationState, st: _StepInput, x_out: torch.Tensor, inner_model) -> None:
+    """Evaluate the active branches in extra routed calls and fuse them into ``x_out`` in place."""
+    composer = state.composer
+    n_uncond = _nrows(st.text_uncond)
+    n_cond = x_out.shape[0] - n_uncond
+    if st.x.shape[0] != x_out.shape[0] or n_cond != _nrows(st.text_cond):
+        raise RuntimeError(f"unexpected batch layout: x {list(st.x.shape)}, output {list(x_out.shape)}, "
+                           f"{_nrows(st.text_cond)} cond and {n_uncond} uncond rows")
+    conds_list = _conds_list(p, st.denoiser, st.eval_index, state)
+    if len(conds_list) != n_uncond or sum(len(c) for c in conds_list) != n_cond:
+        raise RuntimeError(f"sub-prompt layout {[len(c) for c in conds_list]} does not match {n_cond} cond rows "
+                           f"for {n_uncond} images")
+    first_rows = [c[0][0] for c in conds_list]
+    image_of_row = [i for i, c in enumerate(conds_list) for _ in c]
+    state.extra["map_rows"] = first_rows
+
+    step = _step_index(st.denoiser, st.eval_index)
+    active = composer.active(step)
+    if not active:
+        return
+    base_uncond_rows = x_out[n_cond:]
+    skipped_uncond = torch.equal(base_uncond_rows, x_out[first_rows])
+    need_uncond = composer.needs_uncond and not skipped_uncond
+
+    # One block of rows per (branch, cond/uncond); cond and uncond of a branch are adjacent.
+    blocks = []  # (branch index, kind, x, sigma, image_cond, text)
+    for j in active:
+        c, uc = _branch_text(state, j, st.text_cond, st.text_uncond, st.eval_index)
+        blocks.append((j, "cond", st.x[:n_cond], st.sigma[:n_cond], st.image_cond[:n_cond], c))
+        if need_uncond:
+            blocks.append((j, "uncond", st.x[n_cond:], st.sigma[n_cond:], st.image_cond[n_cond:], uc))
+
+    outputs: dict[tuple[int, str], torch.Tensor] = {}
+    # Rows of different token lengths cannot share a call (A1111 itself calls them apart).
+    for length in sorted({_ntokens(b[5]) for b in blocks}):
+        group = [b for b in blocks if _ntokens(b[5]) == length]
+        counts = [b[2].shape[0] for b in group]
+        results = [torch.empty_like(b[2]) for b in group]
+        owner = [b[0] for b in group]
+        for call in hc.plan_calls(counts, state.settings.max_rows_per_call):
+            rows = hc.call_rows(call, len(state.branches), owner)
+            xs = torch.cat([group[k][2][a:b] for k, a, b in call])
+            sig = torch.cat([group[k][3][a:b] for k, a, b in call])
+            ic = torch.cat([group[k][4][a:b] for k, a, b in call])
+            text = _cat([_sub(group[k][5], a, b) for k, a, b in call])
+            with state.router.route(rows):
+                out = inner_model(xs, sig, cond=_condition(text, ic))
+            offset = 0
+            for k, a, b in call:
+                results[k][a:b] = out[offset:offset + b - a]
+                offset += b - a
+        for block, result in zip(group, results, strict=True):
+            outputs[(block[0], block[1])] = result
+
+    base_cond = x_out[:n_cond]
+    lora_cond = torch.stack([outputs[(j, "cond")] for j in active])
+    base_uncond = lora_uncond = None
+    if need_uncond:
+        idx = torch.tensor(image_of_row, device=x_out.device)
+        base_uncond = base_uncond_rows.index_select(0, idx)
+        lora_uncond = torch.stack([outputs[(j, "uncond")].index_select(0, idx) for j in active])
+    res = composer.fuse(step=step, active=active, base_cond=base_cond, lora_cond=lora_cond,
+                        base_uncond=base_uncond, lora_uncond=lora_uncond,
+                        x=st.x[:n_cond] if _denoised_form(st.denoiser) else None)
+    new_uncond = None
+    if need_uncond and res.uncond is not None:
+        new_uncond = _per_image(res.uncond, conds_list)
+    # All computed: now write in place (the denoiser keeps its own reference to x_out).
+    x_out[:n_cond] = res.cond.to(x_out.dtype)
+    if new_uncond is not None:
+        x_out[n_cond:] = new_uncond.to(x_out.dtype)
+    elif skipped_uncond:
+        # the "uncond" rows are copies of each image's first cond row: keep them in step
+        x_out[n_cond:] = x_out[first_rows]
+
+
+def _per_image(rows: torch.Tensor, conds_list) -> torch.Tensor:
+    """One re-centred uncond per image from its sub-prompt rows, weighted by |AND weight|."""
+    out = []
+    for entries in conds_list:
+        if len(entries) == 1:
+            out.append(rows[entries[0][0]])
+            continue
+        weights = [abs(w) for _, w in entries]
+        total = sum(weights)
+        if total == 0 or not math.isfinite(total):
+            weights, total = [1.0] * len(entries), float(len(entries))
+        mixed = sum(rows[r].float() * (w / total) for (r, _), w in zip(entries, weights, strict=True))
+        out.append(mixed.to(rows.dtype))
+    return torch.stack(out)
+
+
+# -- registration ----------------------------------------------------------------------------------
+
+
+def _on(register, fn, name: str) -> None:
+    try:
+        register(fn, name=name)
+    except TypeError:  # 1.6-1.8 take no name
+        register(fn)
+
+
+def _on_model_loaded(sd_model) -> None:
+    CACHE.clear()
+
+
+def _on_ui_settings() -> None:
+    hc.register_options(_shared())
+
+
+def _on_before_ui() -> None:
+    try:
+        from modules import scripts
+
+        hc.register_xyz_axes(scripts.scripts_data)
+    except Exception:
+        log.exception("LoRAtorio: could not add the XYZ plot axes")
+
+
+def register_callbacks() -> None:
+    """Register the WebUI callbacks (once per script load; the WebUI clears them on reload)."""
+    from modules import script_callbacks as cb
+
+    _on(cb.on_cfg_denoiser, on_cfg_denoiser, "loratorio_cfg_denoiser")
+    _on(cb.on_cfg_denoised, on_cfg_denoised, "loratorio_cfg_denoised")
+    _on(cb.on_model_loaded, _on_model_loaded, "loratorio_model_loaded")
+    _on(cb.on_ui_settings, _on_ui_settings, "loratorio_ui_settings")
+    _on(cb.on_before_ui, _on_before_ui, "loratorio_xyz")
+
+
+def defaults():
+    return hc.configured_defaults(_shared().opts)
+

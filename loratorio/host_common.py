@@ -1,0 +1,875 @@
+"""Host-neutral glue shared by the WebUI adapters (``host_a1111``, ``host_forge``).
+
+Imports no host code at module level (gradio and the host's ``modules`` only inside the
+UI/settings/XYZ helpers at the end). It turns a prompt's LoRA tags and the user's
+settings into the branches of one generation, loads their adapters through a cache,
+keeps the per-generation state on the processing object, lays out the branch rows of
+the extra model calls, and writes the infotext and the user-facing report.
+
+What a host module supplies
+---------------------------
+A :class:`HostBridge` subclass (created per generation) with
+
+- ``model_key()``: a hashable identity of the loaded model; a change drops the cache;
+- ``find_lora(name) -> LoraFile | None``: resolve a tag name as the host's LoRA list does;
+- ``available_loras() -> list[str]``: names for the pool / merge dropdowns;
+- ``load_lora(lora_file) -> LoadedLora``: the file's adapters at multiplier 1 (UNet and
+  text encoder, keyed by the names of ``unet_targets`` / ``te_targets``; pieces for
+  packed parameters that hooks cannot reach go to ``te_merge``); raise on failure;
+- ``unet_targets()`` / ``te_targets()``: module name -> module that adapters may use;
+- ``default_multiplier``: the multiplier of pool LoRAs (they have no tag);
+
+plus, in the host module itself, the lifecycle functions the script calls (each takes
+the processing object and the script's arguments; missing ones are skipped):
+``register_callbacks()`` (once per script load), ``process(p, *args)``,
+``before_process_batch(p, *args, prompts, ...)``, ``after_extra_networks_activate(p,
+*args, extra_network_data, ...)``, ``process_batch(p, *args, ...)``,
+``process_before_every_sampling(p, *args, ...)``, ``postprocess_image(p, pp, *args)``,
+``postprocess_batch(p, *args, images, ...)``, ``postprocess(p, processed, *args)``, and
+``lora_names()`` / ``refresh_loras()`` for the UI. Keeping the built-in LoRA off the
+composed tags and the per-step hook are host code.
+
+Flow of one generation (host code in brackets)::
+
+    settings = settings_for(p, args, shared.opts)          # SettingsError -> refuse the job
+    state = GenerationState(settings); p.loratorio_state = state
+    state.load(first_prompt_of_batch, bridge, cache)       # branches; skip reasons collected
+    [keep the built-in LoRA off state.handled_names]
+    state.new_composer()                                   # per batch of images
+    [per-branch text conds; per step: state.composer.active(step), plan_calls/call_rows,
+     one routed model call per chunk, state.composer.fuse(...), in-place write-back]
+    state.record_map(); state.count_dropped()
+    p.extra_generation_params.update(state.infotext())
+    state.close()                                          # in a finally block
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .lora import Dense, LowRank, OutputSlice, pieces
+from .settings import INFOTEXT_KEYS, LABELS, UI_ORDER, Settings, SettingsError, join_names
+from .tags import LoraTag, TagParse, parse_lora_tags
+
+__all__ = [
+    "STATE_ATTR",
+    "AdapterCache",
+    "Branch",
+    "BranchPlan",
+    "BranchSpec",
+    "GenerationState",
+    "HostBridge",
+    "LoadedLora",
+    "LoraFile",
+    "LoraLoadError",
+    "Reason",
+    "call_rows",
+    "check_fit",
+    "get_state",
+    "plan_branches",
+    "plan_calls",
+    "scaled_set",
+    "truncate_rank",
+]
+
+STATE_ATTR = "loratorio_state"
+
+
+class LoraLoadError(RuntimeError):
+    """A LoRA file could not be turned into adapters (message says why, for the user)."""
+
+
+class Reason:
+    """User-facing reasons a LoRA is not composed (used in the UI report and the infotext)."""
+
+    NOT_FOUND = "not found in the LoRA folders (check the name, or refresh the LoRA list)"
+    DUPLICATE = "named twice; only the first tag is used"
+    SAME_FILE = "is the same file as {other}; only the first is used"
+    ZERO = "multipliers are 0, nothing to compose"
+    NO_MATCH = "matches no layer of this model (a LoRA for another model type?)"
+    NON_FINITE = "contains NaN or infinite values"
+    MERGED_NOT_IN_PROMPT = "is in 'merge into base' but not in the prompt; add its tag to apply it"
+
+    @staticmethod
+    def misfit(problem: str) -> str:
+        return f"does not fit this model ({problem}; a LoRA for another model type?)"
+
+    @staticmethod
+    def load_failed(exc: BaseException) -> str:
+        text = str(exc).strip() or type(exc).__name__
+        return f"could not be loaded ({text})"
+
+    @staticmethod
+    def invalid_tag(reason: str) -> str:
+        return f"tag not understood: {reason}"
+
+
+# -- files and adapters ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA on disk; ``mtime_ns`` and ``size`` make a replaced file a different cache key."""
+
+    name: str
+    path: str
+    mtime_ns: int = 0
+    size: int = 0
+
+    @classmethod
+    def at(cls, name: str, path: str) -> LoraFile:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return cls(name, os.path.abspath(path))
+        return cls(name, os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+    @property
+    def key(self) -> tuple:
+        return (self.path, self.mtime_ns, self.size)
+
+
+@dataclass
+class LoadedLora:
+    """Adapters of one LoRA file at multiplier 1 (``scale`` = alpha / rank only).
+
+    ``unet`` and ``te`` are adapter sets keyed by target module names; ``te_merge`` holds
+    pieces for packed text-encoder parameters that output hooks cannot reach (the host
+    merges them temporarily around the text-encoder pass); ``unmatched`` counts the
+    file's layers that match no module of this model; ``kinds`` names the module types.
+    """
+
+    unet: dict = field(default_factory=dict)
+    te: dict = field(default_factory=dict)
+    te_merge: dict = field(default_factory=dict)
+    unmatched: int = 0
+    kinds: set = field(default_factory=set)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for s in (self.unet, self.te, self.te_merge) for e in s.values() for p in pieces(e))
+
+    @property
+    def empty(self) -> bool:
+        return not (self.unet or self.te or self.te_merge)
+
+    def all_finite(self) -> bool:
+        for s in (self.unet, self.te, self.te_merge):
+            for entry in s.values():
+                for piece in pieces(entry):
+                    if not all(torch.isfinite(t).all() for t in _tensors(piece)):
+                        return False
+        return True
+
+
+def _tensors(piece) -> list[torch.Tensor]:
+    if isinstance(piece, OutputSlice):
+        return _tensors(piece.inner)
+    if isinstance(piece, LowRank):
+        return [t for t in (piece.down, piece.up, piece.mid) if t is not None]
+    return [t for t in (piece.delta_tensor, piece.bias) if t is not None]
+
+
+def _scaled_piece(piece, factor: float):
+    if isinstance(piece, OutputSlice):
+        return OutputSlice(_scaled_piece(piece.inner, factor), piece.offset, piece.size)
+    out = copy.copy(piece)  # shares the tensors; only the scalar changes
+    out.scale = piece.scale * factor
+    if isinstance(out, Dense) and out.bias is not None:
+        # Dense has no separate bias scale; the bias delta follows the multiplier too
+        out.bias = out.bias * factor
+    return out
+
+
+def scaled_set(adapter_set: Mapping, factor: float) -> dict:
+    """The adapter set with every piece's ``scale`` multiplied by ``factor`` (tensors shared)."""
+    out = {}
+    for name, entry in adapter_set.items():
+        items = [_scaled_piece(p, factor) for p in pieces(entry)]
+        out[name] = items[0] if len(items) == 1 else items
+    return out
+
+
+def truncate_rank(adapter_set: Mapping, rank: int | None) -> dict:
+    """Keep the first ``rank`` components of low-rank pieces (the tag's ``dyn`` value).
+
+    The scale is left as loaded (alpha over the file's rank), as the WebUI's own loader
+    does. Tucker and dense pieces are kept whole.
+    """
+    if not rank:
+        return dict(adapter_set)
+
+    def cut(piece):
+        if isinstance(piece, OutputSlice):
+            return OutputSlice(cut(piece.inner), piece.offset, piece.size)
+        if isinstance(piece, LowRank) and piece.mid is None and piece.rank > rank:
+            return LowRank(piece.down[:rank], piece.up[:, :rank], piece.scale)
+        return piece
+
+    out = {}
+    for name, entry in adapter_set.items():
+        items = [cut(p) for p in pieces(entry)]
+        out[name] = items[0] if len(items) == 1 else items
+    return out
+
+
+class AdapterCache:
+    """Loaded LoRAs kept across generations, bounded in MB, least recently used evicted first.
+
+    Keyed by file path, modification time and size, so a file replaced on disk is
+    loaded again. Everything is dropped when the model changes (adapters name the
+    model's modules, and some deltas depend on its weights). ``max_mb = 0`` keeps nothing.
+    """
+
+    def __init__(self, max_mb: float = 1024.0):
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple, LoadedLora] = OrderedDict()
+        self._model: Hashable = None
+        self.max_mb = float(max_mb)
+
+    def set_limit(self, max_mb: float) -> None:
+        with self._lock:
+            self.max_mb = max(0.0, float(max_mb))
+            self._evict()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def use_model(self, model_key: Hashable) -> None:
+        """Drop everything when ``model_key`` differs from the last model seen."""
+        with self._lock:
+            if model_key != self._model:
+                self._items.clear()
+                self._model = model_key
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(v.nbytes for v in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, lora_file: LoraFile) -> bool:
+        return lora_file.key in self._items
+
+    def get(self, lora_file: LoraFile, loader: Callable[[LoraFile], LoadedLora]) -> LoadedLora:
+        with self._lock:
+            hit = self._items.get(lora_file.key)
+            if hit is not None:
+                self._items.move_to_end(lora_file.key)
+                return hit
+        loaded = loader(lora_file)
+        with self._lock:
+            # an older version of the same file is stale now
+            for key in [k for k in self._items if k[0] == lora_file.path]:
+                del self._items[key]
+            if loaded.nbytes <= self.max_mb * 2**20:
+                self._items[lora_file.key] = loaded
+                self._evict()
+        return loaded
+
+    def _evict(self) -> None:
+        limit = self.max_mb * 2**20
+        total = sum(v.nbytes for v in self._items.values())
+        while self._items and total > limit:
+            _, dropped = self._items.popitem(last=False)
+            total -= dropped.nbytes
+
+
+class HostBridge:
+    """What a host module provides to :class:`GenerationState` (see the module docstring)."""
+
+    default_multiplier: float = 1.0  # multiplier of pool LoRAs (no tag to give one)
+
+    def model_key(self) -> Hashable:
+        raise NotImplementedError
+
+    def find_lora(self, name: str) -> LoraFile | None:
+        raise NotImplementedError
+
+    def available_loras(self) -> list[str]:
+        raise NotImplementedError
+
+    def load_lora(self, lora_file: LoraFile) -> LoadedLora:
+        raise NotImplementedError
+
+    def unet_targets(self) -> Mapping[str, torch.nn.Module]:
+        raise NotImplementedError
+
+    def te_targets(self) -> Mapping[str, torch.nn.Module]:
+        raise NotImplementedError
+
+
+# -- branches ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """A LoRA the user asked to compose, before its file is looked at."""
+
+    name: str
+    te: float = 1.0
+    unet: float = 1.0
+    dyn: int | None = None
+    source: str = "prompt"  # "prompt" (a tag) or "pool"
+
+
+@dataclass
+class BranchPlan:
+    branches: list[BranchSpec] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)  # tags left to the built-in LoRA
+    skipped: dict[str, str] = field(default_factory=dict)  # name (or tag text) -> reason
+
+
+def plan_branches(tags: TagParse | str, settings: Settings, default_multiplier: float = 1.0) -> BranchPlan:
+    """Which LoRAs become branches: prompt tags in order, then the pool.
+
+    Tags named in ``merge_into_base`` stay with the built-in LoRA; a name given twice is
+    composed once; a tag with both multipliers 0 is skipped; pool names already tagged
+    keep the tag's multipliers. Names are not resolved to files here.
+    """
+    if isinstance(tags, str):
+        tags = parse_lora_tags(tags)
+    plan = BranchPlan()
+    merge = set(settings.merge_into_base)
+    for text, reason in tags.invalid:
+        plan.skipped[text] = Reason.invalid_tag(reason)
+    for tag in tags.duplicates:
+        if tag.name not in merge:
+            plan.skipped.setdefault(tag.name, Reason.DUPLICATE)
+    names = []
+    for tag in tags.tags:
+        names.append(tag.name)
+        if tag.name in merge:
+            plan.merged.append(tag.name)
+        elif tag.te == 0 and tag.unet == 0:
+            plan.skipped[tag.name] = Reason.ZERO
+        else:
+            plan.branches.append(BranchSpec(tag.name, tag.te, tag.unet, tag.dyn, "prompt"))
+    for name in settings.merge_into_base:
+        if name not in names:
+            plan.skipped[name] = Reason.MERGED_NOT_IN_PROMPT
+    for name in settings.pool:
+        if name not in names:
+            m = float(default_multiplier)
+            plan.branches.append(BranchSpec(name, m, m, None, "pool"))
+    return plan
+
+
+@dataclass
+class Branch:
+    """A branch ready to run: its spec, file and adapters with the multipliers applied."""
+
+    spec: BranchSpec
+    file: LoraFile
+    unet: dict
+    te: dict
+    te_merge: dict
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def load_branches(plan: BranchPlan, bridge: HostBridge, cache: AdapterCache | None,
+                  skipped: dict[str, str]) -> list[Branch]:
+    """Resolve and load every planned branch; failures go to ``skipped`` (name -> reason)."""
+    out: list[Branch] = []
+    by_path: dict[str, str] = {}
+    for spec in plan.branches:
+        lora_file = bridge.find_lora(spec.name)
+        if lora_file is None:
+            skipped[spec.name] = Reason.NOT_FOUND
+            continue
+        if lora_file.path in by_path:
+            skipped[spec.name] = Reason.SAME_FILE.format(other=by_path[lora_file.path])
+            continue
+        try:
+            loaded = cache.get(lora_file, bridge.load_lora) if cache is not None else bridge.load_lora(lora_file)
+        except Exception as exc:  # a corrupt file must not stop the other branches
+            skipped[spec.name] = Reason.load_failed(exc)
+            continue
+        if loaded.empty:
+            skipped[spec.name] = Reason.NO_MATCH
+            continue
+        if not loaded.all_finite():
+            skipped[spec.name] = Reason.NON_FINITE
+            continue
+        by_path[lora_file.path] = spec.name
+        out.append(Branch(
+            spec=spec,
+            file=lora_file,
+            unet=truncate_rank(scaled_set(loaded.unet, spec.unet), spec.dyn),
+            te=truncate_rank(scaled_set(loaded.te, spec.te), spec.dyn),
+            te_merge=truncate_rank(scaled_set(loaded.te_merge, spec.te), spec.dyn),
+        ))
+    return out
+
+
+def _weight_shape(module, packed: bool) -> tuple[int, ...] | None:
+    if packed and getattr(module, "in_proj_weight", None) is not None:
+        weight = module.in_proj_weight
+    else:
+        weight = getattr(module, "weight", None)
+    return tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+
+
+def _piece_fit(piece, shape: tuple[int, ...]) -> str | None:
+    out_f, in_f, kernel = shape[0], shape[1], tuple(shape[2:]) or (1, 1)
+    if isinstance(piece, OutputSlice):
+        if piece.offset + piece.size > out_f:
+            return f"output slice {piece.offset}:{piece.offset + piece.size} beyond {out_f} features"
+        piece, out_f = piece.inner, piece.size
+    if piece.out_features != out_f or piece.in_features != in_f:
+        return f"[{piece.out_features}, {piece.in_features}] for a [{out_f}, {in_f}] layer"
+    if tuple(piece.kernel_size) != kernel:
+        return f"kernel {tuple(piece.kernel_size)} for a {kernel} layer"
+    return None
+
+
+def check_fit(adapter_set: Mapping, targets: Mapping[str, torch.nn.Module], packed: bool = False) -> str | None:
+    """Why ``adapter_set`` cannot apply to ``targets`` (first problem found), or None when it fits.
+
+    ``packed``: the pieces merge into a packed projection (``in_proj_weight`` when the
+    module has one) instead of being routed.
+    """
+    for name, entry in adapter_set.items():
+        module = targets.get(name)
+        if module is None:
+            return f"layer {name} not in this model"
+        shape = _weight_shape(module, packed)
+        if shape is None or len(shape) not in (2, 4):
+            return f"layer {name} has no linear or convolution weight"
+        for piece in pieces(entry):
+            problem = _piece_fit(piece, shape)
+            if problem:
+                return f"layer {name}: {problem}"
+    return None
+
+
+# -- rows of the extra model calls ----------------------------------------------------------
+
+
+def plan_calls(counts: Sequence[int], max_rows: int = 0) -> list[list[tuple[int, int, int]]]:
+    """Split the rows of consecutive branches into model calls of at most ``max_rows`` rows.
+
+    ``counts[j]`` is the number of rows branch ``j`` needs this step. Returns one list
+    per call of ``(j, start, stop)``: rows ``start:stop`` of branch ``j``, in order and
+    contiguous within the call, so routing gives every branch one slice per call.
+    ``max_rows = 0``: one call for everything. Branches with no rows are left out.
+    """
+    if max_rows < 0:
+        raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+    calls: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    room = max_rows or math.inf
+    for j, n in enumerate(counts):
+        start = 0
+        while start < n:
+            take = int(min(n - start, room))
+            current.append((j, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                calls.append(current)
+                current, room = [], max_rows
+    if current:
+        calls.append(current)
+    return calls
+
+
+def call_rows(call: Sequence[tuple[int, int, int]], n_adapters: int,
+              owner: Sequence[int] | None = None) -> list[slice | None]:
+    """Routing rows of one call from :func:`plan_calls`: ``rows[a]`` = adapter ``a``'s slice or None.
+
+    ``owner[j]`` is the adapter of block ``j`` (default: block ``j`` is adapter ``j``);
+    adjacent blocks of one adapter (its cond and uncond rows) share one slice.
+    """
+    rows: list[slice | None] = [None] * n_adapters
+    offset = 0
+    last = None
+    for j, start, stop in call:
+        a = j if owner is None else owner[j]
+        n = stop - start
+        if rows[a] is not None:
+            if last != a:
+                raise ValueError(f"rows of adapter {a} are not contiguous in this call")
+            rows[a] = slice(rows[a].start, offset + n)
+        else:
+            rows[a] = slice(offset, offset + n)
+        offset += n
+        last = a
+    return rows
+
+
+# -- per-generation state --------------------------------------------------------------------
+
+
+class GenerationState:
+    """Everything LoRAtorio holds for one generation; lives on the processing object.
+
+    Never stored in module globals: a concurrent reader (UI thread) or the next job
+    cannot see another generation's branches.
+    """
+
+    def __init__(self, settings: Settings, plan: BranchPlan | None = None):
+        self.settings = settings
+        self.plan = plan or BranchPlan()
+        self.branches: list[Branch] = []
+        self.skipped: dict[str, str] = dict(self.plan.skipped)
+        self.notes: list[str] = []
+        self.refused: str | None = None  # set when LoRAtorio does not run at all
+        self.error: BaseException | None = None
+        self.composer = None
+        self.router = None
+        self.maps: list[tuple[torch.Tensor, list[str]]] = []  # per image: (weights [N, H, W], names)
+        self.dropped: dict[str, int] = {}
+        self.extra: dict = {}  # host-specific per-generation data
+
+    @classmethod
+    def start(cls, settings: Settings, prompt: str, bridge: HostBridge, cache: AdapterCache | None) -> GenerationState:
+        """A state for ``settings`` with the branches of ``prompt`` (the batch's first prompt) loaded."""
+        state = cls(settings)
+        state.load(prompt, bridge, cache)
+        return state
+
+    def load(self, prompt: str, bridge: HostBridge, cache: AdapterCache | None) -> bool:
+        """Plan and load the branches of a batch whose first prompt is ``prompt``.
+
+        Returns True when the branches differ from the previous batch's (the host then
+        rebuilds its router). Skip reasons accumulate over the batches.
+        """
+        plan = plan_branches(parse_lora_tags(prompt), self.settings, bridge.default_multiplier)
+        self.plan = plan
+        self.skipped.update(plan.skipped)
+        if cache is not None:
+            cache.use_model(bridge.model_key())
+        branches = load_branches(plan, bridge, cache, self.skipped)
+        unet_targets = bridge.unet_targets()
+        te_targets = bridge.te_targets()
+        fitting = []
+        for branch in branches:
+            problem = (check_fit(branch.unet, unet_targets) or check_fit(branch.te, te_targets)
+                       or check_fit(branch.te_merge, te_targets, packed=True))
+            if problem:
+                self.skipped[branch.name] = Reason.misfit(problem)
+            else:
+                fitting.append(branch)
+        changed = [(b.spec, b.file) for b in fitting] != [(b.spec, b.file) for b in self.branches]
+        self.branches = fitting
+        note = "no LoRA to compose; plain generation"
+        if not fitting and note not in self.notes:
+            self.notes.append(note)
+        return changed
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.branches]
+
+    @property
+    def composed_names(self) -> list[str]:
+        """Tag names this extension composes (the built-in LoRA must leave them alone)."""
+        return [b.name for b in self.branches if b.spec.source == "prompt"]
+
+    @property
+    def handled_names(self) -> set[str]:
+        """Every tagged name that must not reach the built-in LoRA (composed or skipped)."""
+        merged = set(self.plan.merged) | set(self.settings.merge_into_base)
+        return ({s.name for s in self.plan.branches if s.source == "prompt"} | set(self.skipped)) - merged
+
+    @property
+    def active(self) -> bool:
+        return self.refused is None and self.error is None and bool(self.branches)
+
+    def refuse(self, reason: str) -> None:
+        """LoRAtorio does not run for this generation; the generation goes on without it."""
+        self.refused = reason
+        self.notes.append(f"not applied: {reason}")
+
+    def new_composer(self):
+        """A fresh :class:`loratorio.engine.Composer` for a batch of images (or a new sampling pass)."""
+        from .engine import Composer
+
+        s = self.settings
+        self.composer = Composer(self.names, recenter=s.recenter, temperature_scale=s.temperature_scale,
+                                 patch_size=s.patch_size, top_k=s.top_k, probe_every=s.probe_every,
+                                 record_map=s.composition_map)
+        return self.composer
+
+    def record_map(self, rows: Sequence[int] | None = None) -> None:
+        """Keep the composition map of the current composer's images (``mean_weights``).
+
+        ``rows``: the fused row of each image (its first sub-prompt when a prompt uses
+        AND); default one row per image.
+        """
+        if self.composer is None or not self.settings.composition_map:
+            return
+        weights = self.composer.mean_weights()
+        if weights is None:
+            return
+        for b in (range(weights.shape[1]) if rows is None else rows):
+            self.maps.append((weights[:, b].detach().float().cpu(), list(self.names)))
+
+    def count_dropped(self) -> None:
+        if self.composer is None:
+            return
+        for name, n in dict(getattr(self.composer, "dropped", {}) or {}).items():
+            self.dropped[name] = self.dropped.get(name, 0) + int(n)
+
+    def infotext(self) -> dict[str, str]:
+        """Infotext entries: the settings plus composed, skipped and dropped LoRAs and notes."""
+        if not self.settings.enabled:
+            return {}
+        d = self.settings.to_infotext()
+        if self.branches and self.refused is None:
+            d[INFOTEXT_KEYS["loras"]] = join_names(self.names)
+        if self.skipped:
+            d[INFOTEXT_KEYS["skipped"]] = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
+        if self.dropped:
+            d[INFOTEXT_KEYS["dropped"]] = "; ".join(f"{k}: {v}" for k, v in self.dropped.items())
+        notes = list(self.notes)
+        if self.error is not None:
+            notes.append(f"stopped by an error: {self.error}")
+        if notes:
+            d[INFOTEXT_KEYS["note"]] = "; ".join(notes)
+        return d
+
+    def report(self) -> str:
+        """One paragraph for the user (UI comment / console)."""
+        parts = []
+        if self.branches and self.refused is None:
+            parts.append(f"composing {len(self.branches)} LoRA(s): {join_names(self.names)}")
+        for name, reason in self.skipped.items():
+            parts.append(f"skipped {name}: {reason}")
+        for name, n in self.dropped.items():
+            parts.append(f"{name} gave non-finite output at {n} step(s), left out there")
+        parts.extend(self.notes)
+        if self.error is not None:
+            parts.append(f"stopped by an error: {self.error}")
+        return "LoRAtorio: " + "; ".join(parts) if parts else ""
+
+    def close(self) -> None:
+        """Drop the per-generation objects that hold device memory (routers, conds)."""
+        self.router = None
+        self.composer = None
+        self.extra.clear()
+
+
+def get_state(p) -> GenerationState | None:
+    return getattr(p, STATE_ATTR, None)
+
+
+def tags_of(prompt: str) -> list[LoraTag]:
+    return parse_lora_tags(prompt).tags
+
+
+# -- WebUI pieces shared by both hosts (gradio and the host's modules imported lazily) ----------
+
+CACHE_OPTION = "loratorio_cache_mb"
+CACHE_DEFAULT_MB = 1024
+OPTION_KEYS: dict[str, str] = {
+    name: f"loratorio_default_{name}"
+    for name in ("recenter", "temperature_scale", "patch_size", "top_k", "probe_every",
+                 "text_encoder_per_branch", "composition_map", "max_rows_per_call")
+}
+XYZ_PREFIX = "[LoRAtorio] "
+OVERRIDES_ATTR = "loratorio_overrides"  # set on the processing object by XYZ axes
+
+
+def configured_defaults(opts) -> Settings:
+    """The defaults from the WebUI's settings page (built-in defaults where unset or invalid)."""
+    values = Settings().to_dict()
+    for name, key in OPTION_KEYS.items():
+        try:
+            value = getattr(opts, key)
+        except AttributeError:
+            continue
+        if value is not None:
+            values[name] = value
+    try:
+        return Settings(**values).validate()
+    except (SettingsError, TypeError):
+        return Settings()
+
+
+def cache_limit_mb(opts) -> float:
+    try:
+        value = float(getattr(opts, CACHE_OPTION))
+    except (AttributeError, TypeError, ValueError):
+        return float(CACHE_DEFAULT_MB)
+    return max(0.0, value) if math.isfinite(value) else float(CACHE_DEFAULT_MB)
+
+
+def settings_for(p, args: Sequence, opts) -> Settings:
+    """Settings of a generation: script arguments, then any XYZ-axis overrides on ``p``.
+
+    Raises :class:`SettingsError` for invalid values from either source.
+    """
+    settings = Settings.from_args(args, defaults=configured_defaults(opts))
+    overrides = getattr(p, OVERRIDES_ATTR, None)
+    if overrides:
+        settings = Settings.from_dict({**settings.to_dict(), **overrides})
+    return settings
+
+
+def register_options(shared) -> None:
+    """The "LoRAtorio" section of the WebUI settings: defaults of the UI and the cache bound."""
+    import gradio as gr
+
+    section = ("loratorio", "LoRAtorio")
+    d = Settings()
+
+    def add(key, default, label, component, args=None, info=None):
+        option = shared.OptionInfo(default, label, component, args or {}, section=section)
+        if info and hasattr(option, "info"):
+            option = option.info(info)
+        shared.opts.add_option(key, option)
+
+    add(CACHE_OPTION, CACHE_DEFAULT_MB, "LoRA weight cache (MB)", gr.Number, {"precision": 0, "minimum": 0},
+        "LoRAs loaded for composition stay in memory across generations up to this size; 0 = load every time")
+    add(OPTION_KEYS["recenter"], d.recenter, "Default " + LABELS["recenter"], gr.Slider,
+        {"minimum": 0.0, "maximum": 1.0, "step": 0.05})
+    add(OPTION_KEYS["temperature_scale"], d.temperature_scale, "Default " + LABELS["temperature_scale"], gr.Slider,
+        {"minimum": 0.5, "maximum": 100.0, "step": 0.5})
+    add(OPTION_KEYS["patch_size"], d.patch_size, "Default " + LABELS["patch_size"], gr.Slider,
+        {"minimum": 1, "maximum": 16, "step": 1})
+    add(OPTION_KEYS["top_k"], d.top_k, "Default " + LABELS["top_k"], gr.Slider,
+        {"minimum": 0, "maximum": 16, "step": 1})
+    add(OPTION_KEYS["probe_every"], d.probe_every, "Default " + LABELS["probe_every"], gr.Slider,
+        {"minimum": 1, "maximum": 20, "step": 1})
+    add(OPTION_KEYS["text_encoder_per_branch"], d.text_encoder_per_branch,
+        "Default " + LABELS["text_encoder_per_branch"], gr.Checkbox)
+    add(OPTION_KEYS["composition_map"], d.composition_map, "Default " + LABELS["composition_map"], gr.Checkbox)
+    add(OPTION_KEYS["max_rows_per_call"], d.max_rows_per_call, "Default " + LABELS["max_rows_per_call"], gr.Number,
+        {"precision": 0, "minimum": 0})
+
+
+def build_ui(script, is_img2img: bool, defaults: Settings, lora_names: Callable[[], list[str]],
+             refresh: Callable[[], None] | None = None) -> list:
+    """The accordion and its components, in ``UI_ORDER``; also sets the script's paste fields.
+
+    Element ids: ``loratorio_<tab>`` for the accordion, ``loratorio_<tab>_<field>`` for
+    each component (tab = txt2img / img2img). Free of side effects beyond the script's
+    own attributes (the API calls ``ui()`` to read the defaults).
+    """
+    import gradio as gr
+    from modules.ui_components import InputAccordion
+
+    tab = "img2img" if is_img2img else "txt2img"
+
+    def eid(name: str) -> str:
+        return f"loratorio_{tab}_{name}"
+
+    try:
+        names = list(lora_names())
+    except Exception:  # a broken LoRA folder must not take the UI down
+        names = []
+    with InputAccordion(False, label=LABELS["enabled"], elem_id=f"loratorio_{tab}") as enabled:
+        with gr.Row():
+            recenter = gr.Slider(0.0, 1.0, value=defaults.recenter, step=0.05, label=LABELS["recenter"],
+                                 elem_id=eid("recenter"))
+            temperature_scale = gr.Slider(0.5, 100.0, value=defaults.temperature_scale, step=0.5,
+                                          label=LABELS["temperature_scale"], elem_id=eid("temperature_scale"))
+        with gr.Row():
+            patch_size = gr.Slider(1, 16, value=defaults.patch_size, step=1, label=LABELS["patch_size"],
+                                   elem_id=eid("patch_size"))
+            top_k = gr.Slider(0, 16, value=defaults.top_k, step=1, label=LABELS["top_k"], elem_id=eid("top_k"))
+            probe_every = gr.Slider(1, 20, value=defaults.probe_every, step=1, label=LABELS["probe_every"],
+                                    elem_id=eid("probe_every"))
+        with gr.Row():
+            text_encoder_per_branch = gr.Checkbox(value=defaults.text_encoder_per_branch,
+                                                  label=LABELS["text_encoder_per_branch"],
+                                                  elem_id=eid("text_encoder_per_branch"))
+            composition_map = gr.Checkbox(value=defaults.composition_map, label=LABELS["composition_map"],
+                                          elem_id=eid("composition_map"))
+            max_rows_per_call = gr.Number(value=defaults.max_rows_per_call, precision=0,
+                                          label=LABELS["max_rows_per_call"], elem_id=eid("max_rows_per_call"))
+        with gr.Row():
+            pool = gr.Dropdown(choices=names, value=[], multiselect=True, label=LABELS["pool"], elem_id=eid("pool"))
+            merge_into_base = gr.Dropdown(choices=names, value=[], multiselect=True, label=LABELS["merge_into_base"],
+                                          elem_id=eid("merge_into_base"))
+            if refresh is not None:
+                try:
+                    from modules.ui_common import create_refresh_button
+
+                    def refreshed():
+                        refresh()
+                        return {"choices": list(lora_names())}
+
+                    create_refresh_button([pool, merge_into_base], refresh, refreshed, eid("refresh"))
+                except Exception:  # older WebUIs: the dropdowns still work, just without refresh
+                    pass
+
+    components = {
+        "enabled": enabled, "recenter": recenter, "temperature_scale": temperature_scale, "patch_size": patch_size,
+        "top_k": top_k, "probe_every": probe_every, "text_encoder_per_branch": text_encoder_per_branch,
+        "pool": pool, "merge_into_base": merge_into_base, "composition_map": composition_map,
+        "max_rows_per_call": max_rows_per_call,
+    }
+    script.infotext_fields = paste_fields(components)
+    script.paste_field_names = [INFOTEXT_KEYS[n] for n in UI_ORDER if n not in ("enabled", "pool", "merge_into_base")]
+    return [components[name] for name in UI_ORDER]
+
+
+def paste_fields(components: Mapping) -> list[tuple]:
+    """``(component, key or callable)`` pairs for pasting infotext back into the UI.
+
+    The accordion turns off when the pasted text has no LoRAtorio entry; the LoRA lists
+    are parsed from their joined form; scalar settings use their infotext keys.
+    """
+    fields: list[tuple] = [(components["enabled"], lambda d: Settings.from_infotext(d)["enabled"])]
+    for name in UI_ORDER[1:]:
+        if name in ("pool", "merge_into_base"):
+            fields.append((components[name], _list_getter(name)))
+        else:
+            fields.append((components[name], INFOTEXT_KEYS[name]))
+    return fields
+
+
+def _list_getter(name: str):
+    def get(params):
+        if INFOTEXT_KEYS["enabled"] not in params:
+            return None
+        return Settings.from_infotext(params).get(name)
+
+    return get
+
+
+def register_xyz_axes(scripts_data) -> bool:
+    """Add the LoRAtorio axes to the XYZ plot script (idempotent). False when XYZ is not loaded."""
+    module = next((d.module for d in scripts_data if getattr(d.script_class, "__module__", "") == "xyz_grid.py"), None)
+    if module is None:
+        return False
+    if any(getattr(o, "label", "").startswith(XYZ_PREFIX) for o in module.axis_options):
+        return True
+
+    def setter(name: str, convert):
+        def apply(p, x, xs):
+            overrides = dict(getattr(p, OVERRIDES_ATTR, None) or {})
+            overrides[name] = convert(x)
+            setattr(p, OVERRIDES_ATTR, overrides)
+
+        return apply
+
+    def to_bool(x):
+        return x if isinstance(x, bool) else str(x).strip().lower() == "true"
+
+    choice = module.boolean_choice(reverse=True) if hasattr(module, "boolean_choice") else None
+    module.axis_options.extend([
+        module.AxisOption(XYZ_PREFIX + "Enabled", str, setter("enabled", to_bool), choices=choice),
+        module.AxisOption(XYZ_PREFIX + LABELS["recenter"], float, setter("recenter", float)),
+        module.AxisOption(XYZ_PREFIX + LABELS["temperature_scale"], float, setter("temperature_scale", float)),
+        module.AxisOption(XYZ_PREFIX + LABELS["patch_size"], int, setter("patch_size", int)),
+        module.AxisOption(XYZ_PREFIX + "Top-k", int, setter("top_k", int)),
+    ])
+    return True
