@@ -421,7 +421,12 @@ def _weight_shape(module, packed: bool) -> tuple[int, ...] | None:
         weight = module.in_proj_weight
     else:
         weight = getattr(module, "weight", None)
-    return tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+    if not isinstance(weight, torch.Tensor):
+        return None
+    # 4-bit quantised weights (bitsandbytes NF4/FP4) store packed bytes; the logical
+    # shape is kept on their quant state.
+    logical = getattr(getattr(weight, "quant_state", None), "shape", None)
+    return tuple(logical) if logical is not None else tuple(weight.shape)
 
 
 def _piece_fit(piece, shape: tuple[int, ...]) -> str | None:

@@ -248,37 +248,35 @@ class _ModulePlan:
         # Output features this plan writes: all, or one sub-projection of a packed weight.
         self.features = slice(None) if out_slice is None else slice(out_slice[0], out_slice[0] + out_slice[1])
 
-    def apply(self, x: torch.Tensor, out: torch.Tensor, spans: list[tuple[int, int] | None]) -> None:
-        """Add the deltas of the active adapters to ``out`` in place (``spans[j]`` = rows of adapter j)."""
+    def apply(self, x: torch.Tensor, out: torch.Tensor, spans: list[list[tuple[int, int | None]]]) -> None:
+        """Add the deltas of the active adapters to ``out`` in place (``spans[j]`` = row spans of adapter j)."""
         batch = x.shape[0]
         for group in self.groups:
             active = []
             for pos, j in enumerate(group.members):
-                span = spans[j]
-                if span is None:
-                    continue
-                start, stop = span
-                stop = batch if stop is None else stop
-                if stop > batch or start >= stop:
-                    raise RoutingError(f"rows {start}:{stop} of adapter {j} do not fit a batch of {batch} rows "
-                                       f"at module {self.name!r}")
-                active.append((pos, start, stop))
+                for start, stop in spans[j]:
+                    stop = batch if stop is None else stop
+                    if stop > batch or start >= stop:
+                        raise RoutingError(f"rows {start}:{stop} of adapter {j} do not fit a batch of {batch} rows "
+                                           f"at module {self.name!r}")
+                    active.append((start, stop, pos))
             if active:
-                self._apply_group(group, x, out, active)
+                self._apply_group(group, x, out, sorted(active))
 
-    def _apply_group(self, group: _Group, x, out, active) -> None:
-        whole = len(active) == len(group.members)
-        length = active[0][2] - active[0][1]
-        first = active[0][1]
+    def _apply_group(self, group: _Group, x, out, active: list[tuple[int, int, int]]) -> None:
+        """``active``: ``(start, stop, stacked position)`` sorted by start; equal adjacent spans run as one batch."""
+        first, length = active[0][0], active[0][1] - active[0][0]
         contiguous = all(stop - start == length and start == first + i * length
-                         for i, (_pos, start, stop) in enumerate(active))
+                         for i, (start, stop, _pos) in enumerate(active))
         if contiguous:
-            select = None if whole else torch.tensor([p for p, _, _ in active], device=x.device)
+            positions = [pos for _, _, pos in active]
+            whole = positions == list(range(len(group.members)))
+            select = None if whole else torch.tensor(positions, device=x.device)
             block = slice(first, first + length * len(active))
             delta = _group_delta(group, x[block], len(active), select, self.geometry)
             self._add(out, block, delta)
             return
-        for pos, start, stop in active:  # uneven rows: one call per adapter
+        for start, stop, pos in active:  # uneven rows: one call per span
             select = torch.tensor([pos], device=x.device)
             delta = _group_delta(group, x[start:stop], 1, select, self.geometry)
             self._add(out, slice(start, stop), delta)
@@ -331,29 +329,36 @@ class Router:
     def modules(self) -> list[nn.Module]:
         return list({id(p.module): p.module for p in self._plans}.values())
 
-    def _spans(self, rows: Sequence[slice | None]) -> list[tuple[int, int | None] | None]:
+    def _spans(self, rows: Sequence) -> list[list[tuple[int, int | None]]]:
+        """Normalise ``rows`` to a list of ``(start, stop)`` spans per adapter; overlap is an error."""
         if len(rows) != self.num_adapters:
             raise RoutingError(f"rows has {len(rows)} entries for {self.num_adapters} adapters")
         spans = []
-        for j, r in enumerate(rows):
-            if r is None:
-                spans.append(None)
-                continue
-            if not isinstance(r, slice) or r.step not in (None, 1):
-                raise RoutingError(f"rows[{j}] must be a slice with step 1 or None, got {r!r}")
-            start = 0 if r.start is None else r.start
-            if start < 0 or (r.stop is not None and r.stop <= start):
-                raise RoutingError(f"rows[{j}] = {r!r} must be a non-empty slice with non-negative bounds")
-            spans.append((start, r.stop))
-        ordered = sorted((s for s in spans if s is not None), key=lambda s: s[0])
+        for j, entry in enumerate(rows):
+            items = [] if entry is None else [entry] if isinstance(entry, slice) else list(entry)
+            own = []
+            for r in items:
+                if not isinstance(r, slice) or r.step not in (None, 1):
+                    raise RoutingError(f"rows[{j}] must be a slice with step 1, a list of such slices, or None; "
+                                       f"got {r!r}")
+                start = 0 if r.start is None else r.start
+                if start < 0 or (r.stop is not None and r.stop <= start):
+                    raise RoutingError(f"rows[{j}] = {r!r} must be a non-empty slice with non-negative bounds")
+                own.append((start, r.stop))
+            spans.append(own)
+        ordered = sorted((s for own in spans for s in own), key=lambda s: s[0])
         for (a0, a1), (b0, _b1) in itertools.pairwise(ordered):
             if a1 is None or a1 > b0:
                 raise RoutingError(f"rows overlap: {a0}:{a1} and {b0}:...; each row may belong to one adapter")
         return spans
 
     @contextlib.contextmanager
-    def route(self, rows: Sequence[slice | None]) -> Iterator[None]:
-        """Route adapter ``j`` onto batch rows ``rows[j]`` (``None``: not in this call) for the block's duration."""
+    def route(self, rows: Sequence) -> Iterator[None]:
+        """Route adapter ``j`` onto batch rows ``rows[j]`` for the block's duration.
+
+        ``rows[j]`` is a slice, a list of slices (the same adapter on several row blocks,
+        e.g. one per AND sub-prompt), or ``None`` (not in this call).
+        """
         spans = self._spans(rows)
         modules = self.modules
         with _ACTIVE_LOCK:
@@ -386,6 +391,6 @@ def _make_hook(plan: _ModulePlan, spans):
     return hook
 
 
-def routed(targets: Mapping[str, nn.Module], adapters: Sequence[Mapping], rows: Sequence[slice | None]):
+def routed(targets: Mapping[str, nn.Module], adapters: Sequence[Mapping], rows: Sequence):
     """Context manager: route ``adapters[j]`` onto ``rows[j]`` of every forward of ``targets`` (see :class:`Router`)."""
     return Router(targets, adapters).route(rows)

@@ -189,3 +189,25 @@ def test_router_memory_holds_no_dense_expansion():
         module(torch.randn(4, 256))
     assert router.nbytes <= 2 * loaded
     assert router.nbytes < 256 * 256 * 4  # less than one dense delta
+
+
+def test_adapter_on_several_row_blocks():
+    module = nn.Linear(6, 5)
+    adapters = [lowrank(5, 6, 2), lowrank(5, 6, 3)]
+    x = torch.randn(10, 6)
+    with torch.no_grad():
+        base = module(x)
+        with routed({"m": module}, [{"m": a} for a in adapters], [[slice(0, 2), slice(4, 6)], [slice(2, 4)]]):
+            out = module(x)  # blocks 0:2, 2:4, 4:6 are equal and adjacent: one batched call with a repeat
+        with routed({"m": module}, [{"m": a} for a in adapters], [[slice(0, 1), slice(7, 10)], slice(3, 5)]):
+            uneven = module(x)
+    for entry, blocks in ((adapters[0], [slice(0, 2), slice(4, 6)]), (adapters[1], [slice(2, 4)])):
+        for r in blocks:
+            assert rel_err(out[r], merged_copy(module, entry)(x[r])) < 1e-4
+    assert torch.equal(out[6:], base[6:])
+    for entry, r in ((adapters[0], slice(0, 1)), (adapters[0], slice(7, 10)), (adapters[1], slice(3, 5))):
+        assert rel_err(uneven[r], merged_copy(module, entry)(x[r])) < 1e-4
+    assert torch.equal(uneven[[1, 2, 5, 6]], base[[1, 2, 5, 6]])
+    with pytest.raises(RoutingError, match="overlap"), \
+            routed({"m": module}, [{"m": a} for a in adapters], [[slice(0, 3), slice(5, 6)], slice(2, 4)]):
+        pass
