@@ -421,6 +421,17 @@ def render_png(result: DemoResult, path: str | Path, *, scale: int | None = None
     return path
 
 
+def render_composition_map(result: DemoResult, path: str | Path, *, scale: int = 6) -> Path:
+    """The LoRAtorio sample with its composition map, through the extension's own renderer."""
+    from .compmap import render_map
+
+    image = _upscaled(latent_to_rgb(result.samples["loratorio"]), scale)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render_map(image, result.weights, result.world.names).save(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loratorio.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/images/demo.png", help="PNG to write (default: %(default)s)")
@@ -428,12 +439,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=24, help="sampling steps (default: %(default)s)")
     parser.add_argument("--size", type=int, default=48, help="latent size S of the S x S world (default: %(default)s)")
     parser.add_argument("--cfg", type=float, default=6.0, help="guidance scale (default: %(default)s)")
+    parser.add_argument("--map-out", default="docs/images/composition_map.png",
+                        help="PNG of LoRAtorio's composition map, drawn as the extension draws it "
+                             "(default: %(default)s; empty to skip)")
     args = parser.parse_args(argv)
     try:
         result = run_demo(size=args.size, steps=args.steps, seed=args.seed, cfg_scale=args.cfg)
     except ValueError as exc:
         parser.error(str(exc))
     path = render_png(result, args.out)
+    if args.map_out:
+        map_path = render_composition_map(result, args.map_out)
 
     print("How much of each LoRA's concept survives (1.00 = as strong as that LoRA alone):")
     print(f"  {'':<20}" + "".join(f"{n:>12}" for n in result.world.names))
@@ -443,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Mean LoRAtorio weight of each LoRA in its own region ({1 / n:.2f} = no preference):")
     print(f"  {'':<20}" + "".join(f"{v:>12.2f}" for v in result.region_weight()))
     print(f"wrote {path}")
+    if args.map_out:
+        print(f"wrote {map_path}")
     return 0
 
 

@@ -105,8 +105,9 @@ def test_png_layout_and_content(result, tmp_path):
 
 
 def test_command_line_prints_survival_and_writes_png(tmp_path, capsys):
-    out = tmp_path / "demo.png"
-    assert demo.main(["--out", str(out), "--size", "24", "--steps", "16", "--seed", "2"]) == 0
+    out, map_out = tmp_path / "demo.png", tmp_path / "map.png"
+    assert demo.main(["--out", str(out), "--map-out", str(map_out), "--size", "24", "--steps", "16",
+                      "--seed", "2"]) == 0
     text = capsys.readouterr().out
     rows = {
         line.split()[0]: line.split()[-3:] for line in text.splitlines() if line.startswith(("  uniform", "  LoRA"))
@@ -115,8 +116,9 @@ def test_command_line_prints_survival_and_writes_png(tmp_path, capsys):
     for avg, kept in zip(map(float, rows["uniform"]), map(float, rows["LoRAtorio"])):
         assert kept > avg
     assert Image.open(out).size == (3 * 240 + 4 * 14, 36 + 2 * (42 + 240) + 14 + 44)
+    assert Image.open(map_out).size == (24 * 6, 24 * 6)
     with pytest.raises(SystemExit):
-        demo.main(["--out", str(out), "--size", "16"])
+        demo.main(["--out", str(out), "--map-out", "", "--size", "16"])
 
 
 def test_bad_method_is_refused():
