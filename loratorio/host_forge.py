@@ -90,6 +90,9 @@ __all__ = [
 ]
 
 _WEIGHT = ".weight"
+# Forge's built-in LoRA refuses a file ("LoRA version mismatch") when more of its tensors than this match
+# neither the UNet/DiT nor the text encoders (``extensions-builtin/sd_forge_lora/networks.py:25-27``).
+_MISMATCH_TENSORS = 12
 # Key endings of the tensors LoRA-like files hold (kohya, PEFT, diffusers, LyCORIS).
 _LORA_SUFFIXES = (
     ".lora_up.weight", ".lora_down.weight", ".lora_mid.weight", ".lora_A.weight", ".lora_B.weight",
@@ -296,6 +299,11 @@ def loaded_from_state_dict(state_dict: Mapping, unet_model: torch.nn.Module, tex
     if text_encoders is not None:
         te_map = forge.lora.model_lora_keys_clip(text_encoders, {})
         te_patches, rest = forge.lora.load_lora(rest, te_map)
+    if len(rest) > _MISMATCH_TENSORS:
+        # An SDXL LoRA on SD1.5 still matches CLIP-L (lora_te1_) and a few same-sized UNet layers; Forge's
+        # built-in LoRA applies nothing of such a file, and a branch of its stray layers would be noise.
+        raise LoraLoadError(f"{len(rest)} of its {len(state_dict)} tensors match no layer of this model "
+                            "(a LoRA for another model type?); Forge's own LoRA loader refuses it too")
     merge = forge.lora.merge_lora_to_weight
     get = forge.utils.get_attr_with_parent
     unet, kinds, skipped_u = adapters_from_patches(unet_patches, unet_model, merge=merge, get_attr_with_parent=get,
@@ -373,7 +381,9 @@ class ForgeBridge(HostBridge):
         try:
             sd = forge.utils.load_torch_file(lora_file.path, safe_load=True)
         except Exception as exc:
-            raise LoraLoadError(f"cannot read {lora_file.path}: {exc}") from exc
+            # Forge's loader (modules_forge/patch_basic.py:35-54) renames an unreadable file to *.corrupted and
+            # raises a message of several lines; the reason goes into one infotext value, so keep it on one line
+            raise LoraLoadError(f"cannot read {lora_file.path}: {' '.join(str(exc).split())}") from exc
         return loaded_from_state_dict(sd, self.unet_model, self.text_encoders, forge)
 
     def unet_targets(self) -> Mapping[str, torch.nn.Module]:
@@ -437,23 +447,6 @@ class PassContext:
     unet: object = None  # the clone carrying the LoRAtorio step
     calls: list = field(default_factory=list)  # (rows, branches) of every routed model call
     step_texts: dict = field(default_factory=dict)
-    _spread: dict = field(default_factory=dict)
-
-    def router_for(self, copies: int) -> Router:
-        """The generation's router, or one that holds every adapter ``copies`` times.
-
-        A branch owns one row slice per *chunk* of a Forge model call, while a router
-        takes one slice per adapter: calls with several chunks (AND prompts, a wrapper
-        that batches tiles) route through a router over repeated adapter lists.
-        """
-        if copies == 1:
-            return self.state.router
-        router = self._spread.get(copies)
-        if router is None:
-            bridge = self.state.extra["bridge"]
-            router = Router(bridge.unet_targets(), [b.unet for b in self.state.branches] * copies)
-            self._spread[copies] = router
-        return router
 
 
 def _spans(rows: int, group: Sequence[int], batch: int) -> list[list[slice]]:
@@ -484,14 +477,13 @@ def _routed_options(ctx: PassContext, opts: Mapping, group: Sequence[int], batch
 
     def routed(apply_model):
         def call(x, t, **c):
+            # a branch owns one row block per chunk of the call (AND parts, a wrapper batching tiles)
             spans = _spans(x.shape[0], group, batch)
-            copies = len(spans[0])
-            rows: list = [None] * (n * copies)
+            rows: list = [None] * n
             for k, j in enumerate(group):
-                for i, sl in enumerate(spans[k]):
-                    rows[i * n + j] = sl
+                rows[j] = spans[k]
             ctx.calls.append((int(x.shape[0]), len(group)))
-            with ctx.router_for(copies).route(rows):
+            with ctx.state.router.route(rows):
                 return apply_model(x, t, **c)
 
         return call
@@ -997,9 +989,38 @@ def after_extra_networks_activate(p, *args, extra_network_data=None, **kwargs) -
                 p.lora_hashes = hashes
             if info is not None:
                 p.extra_generation_params["Lora hashes"] = info
+            composed = {b.name for b in state.branches}
+            _add_hashes(p, [e.items[0] for e in entries if e.items and e.items[0] in composed])
         entries[:] = keep
         if not keep:
             del extra_network_data["lora"]
+
+
+def _add_hashes(p, names: Sequence[str]) -> None:
+    """"Lora hashes" for the composed LoRAs of the prompt that the built-in did not hash.
+
+    The built-in's activation dies on the first tag it cannot load (an unknown name, a
+    corrupt file: ``networks.py:92-96, 119-121``) before it writes any hash, which would
+    drop the composed LoRAs from the infotext. Entries are written as the built-in writes
+    them (``extra_networks_lora.py:47-56``).
+    """
+    if not getattr(_shared().opts, "lora_add_hashes_to_infotext", True):
+        return
+    nets = ForgeBridge(p.sd_model).networks()
+    hashes = dict(getattr(p, "lora_hashes", None) or {})
+    added = False
+    for name in names:
+        key = name.replace(":", "").replace(",", "")
+        entry = nets.available_network_aliases.get(name) or nets.available_networks.get(name)
+        if key in hashes or entry is None:
+            continue
+        entry.read_hash()
+        if entry.shorthash:
+            hashes[key] = entry.shorthash
+            added = True
+    if added:
+        p.lora_hashes = hashes
+        p.extra_generation_params["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in hashes.items())
 
 
 def process_batch(p, *args, **kwargs) -> None:

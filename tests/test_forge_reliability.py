@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from fake_forge.harness import make_env, reference_run
 
 from loratorio import host_forge, routing
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def _latents(processed):
@@ -175,10 +181,13 @@ def test_bad_loras_are_skipped_with_a_reason_and_the_others_composed(monkeypatch
     env.write_raw("ckpt", {"model.diffusion_model.out.2.weight": torch.zeros(4, 16, 3, 3)})
     env.write_raw("xl", lora_tensors({"lora_unet_input_blocks_4_1_proj_in": (640, 640)}, seed=3))
     env.write_raw("nan", lora_tensors(env.unet_layers(include=["attn2.to_q"]), seed=4, poison="nan"))
+    # an SDXL LoRA on SD1.5: its lora_te1_ layers fit CLIP-L, its CLIP-G layers match nothing
+    clip_g = {f"lora_te2_text_model_encoder_layers_{i}_mlp_fc1": (64, 32) for i in range(5)}
+    env.write_raw("sdxl", lora_tensors({**env.te_layers(prefix="lora_te1_"), **clip_g}, seed=5))
     import networks
 
     networks.list_available_networks()
-    prompt = "a fox <lora:a> <lora:missing> <lora:broken> <lora:ckpt> <lora:xl> <lora:nan> <lora:b:0.8>"
+    prompt = "a fox <lora:a> <lora:missing> <lora:broken> <lora:ckpt> <lora:xl> <lora:nan> <lora:sdxl> <lora:b:0.8>"
     _, out = env.run(prompt, {})
     info = out.infotexts[0]
     assert "LoRAtorio LoRAs: a, b" in info
@@ -187,6 +196,14 @@ def test_bad_loras_are_skipped_with_a_reason_and_the_others_composed(monkeypatch
     assert "ckpt: could not be loaded (not a LoRA file" in info
     assert "xl: matches no layer" in info
     assert "nan: contains NaN" in info
+    assert "sdxl: could not be loaded (15 of its" in info and "match no layer of this model" in info
+    # Forge renamed the unreadable file and said so in several lines; the reason stays on the parameters line
+    assert (env.lora_dir / "broken.safetensors.corrupted").exists()
+    params = info.splitlines()[-1]
+    assert len(info.splitlines()) == 2 and "tried to move the corrupted file" in params
+    # the built-in's own activation died on the unknown name; the composed LoRAs keep their hashes
+    hashes = params.split("Lora hashes: ")[1].strip('"')
+    assert hashes == f"a: {_sha(env.files['a'])}, b: {_sha(env.files['b'])}"
     ref = reference_run(env, "a fox <lora:a> <lora:b:0.8>", [("a", 1, 1), ("b", 0.8, 0.8)])
     torch.testing.assert_close(_latents(out), ref, rtol=1e-4, atol=2e-4)
 

@@ -84,7 +84,9 @@ def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=No
     on_disk = [available_network_aliases.get(n) for n in names]
     for entry, name in zip(on_disk, names):
         if entry is None:
-            continue
+            # the real loop dies on an unknown name (networks.py:92-96: load_network(None) raises, and so does
+            # the error report that reads None.filename); the built-in's activate call fails with it
+            raise AttributeError("'NoneType' object has no attribute 'filename'")
         net = Network(name, entry)
         net.mentioned_name = name
         loaded_networks.append(net)
