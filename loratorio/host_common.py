@@ -117,12 +117,19 @@ class Reason:
 
 @dataclass(frozen=True)
 class LoraFile:
-    """A LoRA on disk; ``mtime_ns`` and ``size`` make a replaced file a different cache key."""
+    """A LoRA on disk; a replaced file is a different cache key.
+
+    ``mtime_ns`` and ``size`` catch ordinary replacements; ``inode`` and ``ctime_ns``
+    also catch copies that keep the old size and modification time (``cp -p``,
+    ``rsync -t``, unzip), since the replacement is a new file or a changed one.
+    """
 
     name: str
     path: str
     mtime_ns: int = 0
     size: int = 0
+    inode: int = 0
+    ctime_ns: int = 0
 
     @classmethod
     def at(cls, name: str, path: str) -> LoraFile:
@@ -130,11 +137,11 @@ class LoraFile:
             st = os.stat(path)
         except OSError:
             return cls(name, os.path.abspath(path))
-        return cls(name, os.path.abspath(path), st.st_mtime_ns, st.st_size)
+        return cls(name, os.path.abspath(path), st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
 
     @property
     def key(self) -> tuple:
-        return (self.path, self.mtime_ns, self.size)
+        return (self.path, self.mtime_ns, self.size, self.inode, self.ctime_ns)
 
 
 @dataclass
