@@ -1,0 +1,317 @@
+"""Quality benchmark: multi-LoRA composition scored in a trained mini-world (a small ComposLoRA).
+
+Builds (and caches outside the repository) a procedurally generated 16x16 world with
+ComposLoRA's categories, a small text-conditioned denoiser trained from scratch on its
+generic scenes, one LoRA per concept trained with the base frozen, and a judge that
+recognises concepts. Then samples every ComposLoRA-style composition (one character
+plus N - 1 concepts of distinct other categories, N = 2..5) with each composition
+method on the same seeds, scores the images with the judge and writes the report.
+
+Usage::
+
+    python bench/quality.py            # full run, writes docs/quality.md and docs/images/quality_*.png
+    python bench/quality.py --quick    # small sizes, report under the cache directory
+    python bench/quality.py --quick --out docs   # ... or wherever asked
+
+Trained artefacts live in ``~/.cache/loratorio-quality/<config hash>/`` (or
+``$LORATORIO_QUALITY_CACHE``): reruns with the same configuration skip training and
+sampling of methods already done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.quality_judge import Judge, frechet_distance, held_out_accuracy, judge_images, train_judge  # noqa: E402
+from bench.quality_methods import Method, default_methods, sample  # noqa: E402
+from bench.quality_model import TinyUNet, load_kohya, lora_targets, save_kohya  # noqa: E402
+from bench.quality_train import train_base, train_lora  # noqa: E402
+from bench.quality_world import (  # noqa: E402
+    CATEGORIES,
+    CONCEPT_LIST,
+    VOCAB,
+    caption,
+    compositions,
+    concept_name,
+    labels_of,
+    render_batch,
+)
+
+WORLD_VERSION = "world-1/model-1"
+
+CONFIGS = {
+    "full": dict(base_steps=1000, base_batch=64, lora_steps=200, lora_batch=32, judge_steps=500, judge_batch=128,
+                 sample_steps=20, cfg=3.0, per_n=0, chunk=48, judge_holdout=2000, solo_seeds=16, seed=0),
+    "quick": dict(base_steps=200, base_batch=32, lora_steps=40, lora_batch=16, judge_steps=120, judge_batch=64,
+                  sample_steps=8, cfg=3.0, per_n=2, chunk=48, judge_holdout=500, solo_seeds=4, seed=0),
+    "smoke": dict(base_steps=6, base_batch=8, lora_steps=2, lora_batch=4, judge_steps=6, judge_batch=16,
+                  sample_steps=3, cfg=3.0, per_n=1, chunk=48, judge_holdout=64, solo_seeds=2, seed=0),
+}
+TRAIN_KEYS = ("base_steps", "base_batch", "lora_steps", "lora_batch", "judge_steps", "judge_batch", "judge_holdout",
+              "seed")
+NOISE_SEED = 10_000
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("LORATORIO_QUALITY_CACHE", Path.home() / ".cache" / "loratorio-quality"))
+
+
+def lora_file_name(concept) -> str:
+    return f"lora_{concept[0]}_{concept_name(concept)}.safetensors"
+
+
+def build(config: dict, cache: Path, log=print):
+    """Train (or load from ``cache``) the base model, the eleven LoRAs and the judge."""
+    key = _hash({"version": WORLD_VERSION, **{k: config[k] for k in TRAIN_KEYS}})
+    folder = cache / key
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+    base = TinyUNet(VOCAB)
+    if (folder / "base.pt").exists():
+        base.load_state_dict(torch.load(folder / "base.pt"))
+        base.eval()
+    else:
+        log(f"training the base model ({config['base_steps']} steps)")
+        base, info = train_base(config["base_steps"], config["base_batch"], config["seed"])
+        torch.save(base.state_dict(), folder / "base.pt")
+        meta["base"] = info
+        meta_path.write_text(json.dumps(meta))
+    base.requires_grad_(False)
+
+    meta.setdefault("loras", {})
+    for i, concept in enumerate(CONCEPT_LIST):
+        path = folder / lora_file_name(concept)
+        if path.exists():
+            continue
+        log(f"training LoRA {i + 1}/{len(CONCEPT_LIST)}: {concept_name(concept)} ({config['lora_steps']} steps)")
+        tensors, info = train_lora(base, concept, config["lora_steps"], config["lora_batch"], config["seed"] + 1 + i)
+        save_kohya(path, tensors, {"concept": concept_name(concept), "category": concept[0]})
+        meta["loras"][concept_name(concept)] = info
+        meta_path.write_text(json.dumps(meta))
+
+    judge = Judge()
+    if (folder / "judge.pt").exists():
+        judge.load_state_dict(torch.load(folder / "judge.pt"))
+        judge.eval()
+    else:
+        log(f"training the judge ({config['judge_steps']} steps)")
+        t0 = time.time()
+        judge, losses = train_judge(config["judge_steps"], config["judge_batch"], config["seed"] + 100)
+        meta["judge_seconds"] = time.time() - t0
+        torch.save(judge.state_dict(), folder / "judge.pt")
+        meta["judge"] = {"loss": losses,
+                         "held_out": held_out_accuracy(judge, config["judge_holdout"], config["seed"] + 200)}
+        meta_path.write_text(json.dumps(meta))
+    judge.requires_grad_(False)
+    targets = lora_targets(base)
+    loras = [load_kohya(folder / lora_file_name(c), targets) for c in CONCEPT_LIST]
+    return base, targets, loras, judge, meta, folder
+
+
+def select_compositions(per_n: int) -> list[tuple[int, tuple]]:
+    """(index in the full list, composition); ``per_n = 0``: all 240, else ``per_n`` evenly spread per N."""
+    full = list(enumerate(compositions()))
+    if not per_n:
+        return full
+    out = []
+    for n in range(2, 6):
+        group = [item for item in full if len(item[1]) == n]
+        picks = np.linspace(0, len(group) - 1, min(per_n, len(group))).round().astype(int)
+        out += [group[p] for p in picks]
+    return out
+
+
+def noise_for(index: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(NOISE_SEED + index)
+    return torch.randn(1, 3, 16, 16, generator=gen)
+
+
+def method_key(method: Method) -> str:
+    """Cache key of a method's samples (fields at their defaults that older keys lacked are left out)."""
+    fields = dataclasses.asdict(method)
+    for name, default in (("probe_every", 1), ("descriptor", "mean")):
+        if fields.get(name) == default:
+            del fields[name]
+    return _hash(fields)
+
+
+def _round(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else round(float(x), 2)
+
+
+def generate(method: Method, base, targets, loras, comps, config) -> dict:
+    """Images ``[B, 3, 16, 16]``, composition maps (LoRAtorio) and seconds for ``comps`` in order."""
+    images, maps, evals, t0 = [], {}, {}, time.time()
+    for n in range(2, 6):
+        group = [(pos, item) for pos, item in enumerate(comps) if len(item[1]) == n]
+        for s in range(0, len(group), config["chunk"]):
+            chunk = group[s:s + config["chunk"]]
+            branches = [[CONCEPT_LIST.index(c) for c in comp] for _, (_, comp) in chunk]
+            tokens = torch.tensor([caption(comp) for _, (_, comp) in chunk])
+            noise = torch.cat([noise_for(idx) for _, (idx, _) in chunk])
+            imgs, wmap, ev = sample(method, base, targets, loras, branches, tokens, noise, config["sample_steps"],
+                                    config["cfg"])
+            for b, (pos, _) in enumerate(chunk):
+                images.append((pos, imgs[b]))
+                evals[pos] = float(ev[b])
+                if wmap is not None:
+                    maps[pos] = wmap[:, b]
+    images = torch.stack([img for _, img in sorted(images, key=lambda p: p[0])])
+    return {"images": images, "maps": maps, "evals": [evals[p] for p in range(len(comps))],
+            "seconds": time.time() - t0}
+
+
+def score(judge, comps, images: torch.Tensor, real_feats: torch.Tensor) -> dict:
+    """Judge a method's images against the compositions they were asked for.
+
+    The Frechet distance is taken on judge features standardised by the real images'
+    per-feature mean and spread, so its scale does not depend on the judge's training.
+    """
+    pred, conf, feats = judge_images(judge, images)
+    mu, sd = real_feats.mean(0), real_feats.std(0).clamp_min(1e-6)
+    hits, spurious, per_cat = [], [], {cat: [] for cat in CATEGORIES}
+    for b, (_, comp) in enumerate(comps):
+        want = labels_of(comp).values
+        h = []
+        for ci, cat in enumerate(CATEGORIES):
+            if want[ci]:
+                ok = int(pred[b, ci]) == want[ci]
+                h.append(ok)
+                per_cat[cat].append(ok)
+            else:
+                spurious.append(int(pred[b, ci]) != 0)
+        hits.append(h)
+    recall = [float(np.mean(h)) for h in hits]
+    by_n = {}
+    for n in range(2, 6):
+        rs = [r for r, (_, c) in zip(recall, comps) if len(c) == n]
+        al = [all(h) for h, (_, c) in zip(hits, comps) if len(c) == n]
+        if rs:
+            by_n[n] = {"recall": float(np.mean(rs)), "all": float(np.mean(al)), "count": len(rs)}
+    return {
+        "recall_per_comp": recall,
+        "recall_by_n": by_n,
+        "recall_avg": float(np.mean([v["recall"] for v in by_n.values()])),
+        "all_avg": float(np.mean([v["all"] for v in by_n.values()])),
+        "recall_by_category": {k: float(np.mean(v)) for k, v in per_cat.items() if v},
+        "spurious": float(np.mean(spurious)) if spurious else 0.0,
+        "confidence": float(conf.mean()),
+        "fd": frechet_distance((feats - mu) / sd, (real_feats - mu) / sd) if len(comps) > 2 else float("nan"),
+    }
+
+
+def solo_recall(base, targets, loras, judge, config, log=print) -> dict:
+    """Each LoRA alone (prompt: person + its trigger) on ``solo_seeds`` seeds: does the judge see its concept?"""
+    log("sampling: each LoRA alone")
+    seeds = config["solo_seeds"]
+    out = {}
+    for j, concept in enumerate(CONCEPT_LIST):
+        tokens = torch.tensor([caption([concept])] * seeds)
+        noise = torch.cat([noise_for(1_000_000 + s) for s in range(seeds)])
+        imgs, _, _ = sample(Method("alone", "merge"), base, targets, loras, [[j]] * seeds, tokens, noise,
+                         config["sample_steps"], config["cfg"])
+        pred, _, _ = judge_images(judge, imgs)
+        ci = CATEGORIES.index(concept[0])
+        out[concept_name(concept)] = float((pred[:, ci] == concept[1]).float().mean())
+    return out
+
+
+def run(config: dict, cache: Path, out: Path | None, methods: list[Method] | None = None, log=print) -> dict:
+    """Build, sample, score and (with ``out``) write ``out/quality.md`` and ``out/images/quality_*.png``."""
+    torch.set_num_threads(1)
+    t_start = time.time()
+    base, targets, loras, judge, meta, folder = build(config, cache, log)
+    t_built = time.time()
+    methods = methods or default_methods()
+    comps = select_compositions(config["per_n"])
+    real = torch.from_numpy(render_batch([labels_of(c) for _, c in comps], np.random.default_rng(config["seed"] + 300)))
+    _, _, real_feats = judge_images(judge, real)
+    eval_dir = folder / ("eval_" + _hash({k: config[k] for k in ("sample_steps", "cfg", "per_n")}))
+    eval_dir.mkdir(exist_ok=True)
+    results, outputs = {}, {}
+    for method in methods:
+        path = eval_dir / (method_key(method) + ".pt")
+        if path.exists():
+            gen = torch.load(path)
+        else:
+            log(f"sampling: {method.name}")
+            gen = generate(method, base, targets, loras, comps, config)
+            torch.save(gen, path)
+        res = score(judge, comps, gen["images"], real_feats)
+        res["seconds"] = gen["seconds"]
+        evals = gen.get("evals") or [float(method.evals_per_step(len(c))) for _, c in comps]
+        res["evals_by_n"] = {n: _round(np.mean([e for e, (_, c) in zip(evals, comps) if len(c) == n]))
+                             for n in range(2, 6)}
+        res["evals_avg"] = float(np.mean(evals))
+        results[method.name] = res
+        outputs[method.name] = gen
+    solo_path = eval_dir / f"solo-{config['solo_seeds']}.json"
+    if solo_path.exists():
+        solo = json.loads(solo_path.read_text())
+    else:
+        solo = solo_recall(base, targets, loras, judge, config, log)
+        solo_path.write_text(json.dumps(solo))
+    summary = {
+        "solo": solo,
+        "config": config,
+        "judge": meta["judge"]["held_out"],
+        "methods": [dataclasses.asdict(m) for m in methods],
+        "results": results,
+        "compositions": [[list(x) for x in c] for _, c in comps],
+        "seconds_build": t_built - t_start,
+        "seconds_total": time.time() - t_start,
+        "train": {"base": meta.get("base"), "loras": meta.get("loras"), "judge_loss": meta["judge"]["loss"],
+                  "judge_seconds": meta.get("judge_seconds")},
+        "cache": str(folder),
+    }
+    if out is not None:
+        from bench.quality_report import write_report
+
+        write_report(summary, methods, comps, outputs, out)
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes (seconds; for tests)")
+    parser.add_argument("--cache", type=Path, default=None, help="artefact cache (default ~/.cache/loratorio-quality)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where quality.md and images/ go (default: docs/ for the full run, else the cache)")
+    args = parser.parse_args(argv)
+    name = "quick" if args.quick else "smoke" if args.smoke else "full"
+    cache = args.cache or default_cache()
+    out = args.out or (ROOT / "docs" if name == "full" else cache / f"report-{name}")
+    t0 = time.time()
+    summary = run(CONFIGS[name], cache, out)
+    print(f"judge held-out accuracy (mean over categories): {summary['judge']['mean']:.3f}")
+    for mname, res in summary["results"].items():
+        print(f"{mname:32s} recall {res['recall_avg']:.3f}  all {res['all_avg']:.3f}  "
+              f"conf {res['confidence']:.3f}  fd {res['fd']:.2f}  evals/step {res['evals_avg']:.1f}")
+    print(f"report: {out / 'quality.md'}  ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
