@@ -200,15 +200,12 @@ def _grouped_conv(x: torch.Tensor, weight: torch.Tensor, m: int, geometry: _Conv
     return F.conv2d(x, w, stride=geometry.stride, padding=geometry.padding, dilation=geometry.dilation, groups=m)
 
 
-def _group_delta(group: _Group, x: torch.Tensor, m: int, select: torch.Tensor | None,
+def _group_delta(group: _Group, t: dict[str, torch.Tensor], x: torch.Tensor, m: int,
                  geometry: _ConvGeometry | None) -> torch.Tensor:
-    """Delta output for ``x`` holding ``m`` equal row blocks, block ``i`` for stacked entry ``select[i]``.
+    """Delta output for ``x`` holding ``m`` equal row blocks, block ``i`` for entry ``i`` of the stacks ``t``.
 
     Returns ``[m * L, ...]`` in the module's output layout (rows in the same order as ``x``).
     """
-    t = group.tensors(x.device, x.dtype)
-    if select is not None:
-        t = {k: v.index_select(0, select) for k, v in t.items()}
     rows = x.shape[0] // m
     if group.form in ("lr_linear", "dense_linear"):
         flat = x.reshape(m, -1, x.shape[-1])
@@ -248,9 +245,14 @@ class _ModulePlan:
         # Output features this plan writes: all, or one sub-projection of a packed weight.
         self.features = slice(None) if out_slice is None else slice(out_slice[0], out_slice[0] + out_slice[1])
 
-    def apply(self, x: torch.Tensor, out: torch.Tensor, spans: list[list[tuple[int, int | None]]]) -> None:
-        """Add the deltas of the active adapters to ``out`` in place (``spans[j]`` = row spans of adapter j)."""
-        batch = x.shape[0]
+    def schedule(self, spans: list[list[tuple[int, int | None]]], batch: int, device, dtype) -> list[tuple]:
+        """The work of one forward for a given batch size: ``(group, rows, m, stacks)`` per batched job.
+
+        Computed once per routed call and batch size (the hook caches it), so a forward
+        only runs tensor ops: rows are resolved, equal adjacent spans merged into one
+        batched job, and the stacks of a subset of adapters selected here.
+        """
+        jobs = []
         for group in self.groups:
             active = []
             for pos, j in enumerate(group.members):
@@ -260,26 +262,37 @@ class _ModulePlan:
                         raise RoutingError(f"rows {start}:{stop} of adapter {j} do not fit a batch of {batch} rows "
                                            f"at module {self.name!r}")
                     active.append((start, stop, pos))
-            if active:
-                self._apply_group(group, x, out, sorted(active))
+            if not active:
+                continue
+            active.sort()
+            stacks = group.tensors(device, dtype)
+            first, length = active[0][0], active[0][1] - active[0][0]
+            if all(stop - start == length and start == first + i * length
+                   for i, (start, stop, _pos) in enumerate(active)):
+                positions = [pos for _, _, pos in active]
+                if positions != list(range(len(group.members))):
+                    index = torch.tensor(positions, device=device)
+                    stacks = {k: v.index_select(0, index) for k, v in stacks.items()}
+                jobs.append((group, slice(first, first + length * len(active)), len(active), stacks))
+                continue
+            for start, stop, pos in active:  # uneven rows: one job per span
+                index = torch.tensor([pos], device=device)
+                jobs.append((group, slice(start, stop), 1, {k: v.index_select(0, index) for k, v in stacks.items()}))
+        return jobs
 
-    def _apply_group(self, group: _Group, x, out, active: list[tuple[int, int, int]]) -> None:
-        """``active``: ``(start, stop, stacked position)`` sorted by start; equal adjacent spans run as one batch."""
-        first, length = active[0][0], active[0][1] - active[0][0]
-        contiguous = all(stop - start == length and start == first + i * length
-                         for i, (start, stop, _pos) in enumerate(active))
-        if contiguous:
-            positions = [pos for _, _, pos in active]
-            whole = positions == list(range(len(group.members)))
-            select = None if whole else torch.tensor(positions, device=x.device)
-            block = slice(first, first + length * len(active))
-            delta = _group_delta(group, x[block], len(active), select, self.geometry)
-            self._add(out, block, delta)
-            return
-        for start, stop, pos in active:  # uneven rows: one call per span
-            select = torch.tensor([pos], device=x.device)
-            delta = _group_delta(group, x[start:stop], 1, select, self.geometry)
-            self._add(out, slice(start, stop), delta)
+    def run(self, x: torch.Tensor, out: torch.Tensor, jobs: list[tuple]) -> None:
+        """Add the deltas of ``jobs`` to ``out`` in place; rows outside the jobs are not touched."""
+        for group, rows, m, stacks in jobs:
+            xr = x[rows]
+            if group.form == "lr_linear" and "b" not in stacks and self._fuse_into(out, xr):
+                # Low-rank linear: the up-projection accumulates straight into the output rows.
+                target = out[rows].view(m, -1, out.shape[-1])
+                target.baddbmm_(torch.bmm(xr.reshape(m, -1, xr.shape[-1]), stacks["down_t"]), stacks["up_t"])
+                continue
+            self._add(out, rows, _group_delta(group, stacks, xr, m, self.geometry))
+
+    def _fuse_into(self, out: torch.Tensor, xr: torch.Tensor) -> bool:
+        return not self.conv and self.features == slice(None) and out.dtype == xr.dtype and out.is_contiguous()
 
     def _add(self, out: torch.Tensor, rows: slice, delta: torch.Tensor) -> None:
         target = out[rows]
@@ -382,11 +395,17 @@ class Router:
 
 
 def _make_hook(plan: _ModulePlan, spans):
+    schedules: dict[tuple, list] = {}
+
     def hook(module, args, kwargs, output):
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         if not isinstance(output, torch.Tensor):
             raise RoutingError(f"module {plan.name!r} returned {type(output).__name__}, not a tensor")
-        plan.apply(x, output, spans)
+        key = (x.shape[0], x.device, x.dtype)
+        jobs = schedules.get(key)
+        if jobs is None:
+            jobs = schedules[key] = plan.schedule(spans, *key)
+        plan.run(x, output, jobs)
 
     return hook
 
