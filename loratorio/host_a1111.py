@@ -56,6 +56,11 @@ CACHE = hc.AdapterCache(hc.CACHE_DEFAULT_MB)
 _current: dict[str, weakref.ref | None] = {"p": None}
 
 _PACKED_SUFFIXES = ("_q_proj", "_k_proj", "_v_proj")
+# Parts of a layer's key (after its first dot) in the files the built-in loader reads: LoRA/LoCon,
+# PEFT, LoHa, LoKr, IA3, OFT, full and norm differences.
+_LORA_PART_PREFIXES = ("lora_up.", "lora_down.", "lora_mid.", "lora_A.", "lora_B.", "hada_", "lokr_", "oft_")
+_LORA_PART_NAMES = frozenset({"on_input", "weight", "bias", "diff", "diff_b", "w_norm", "b_norm", "alpha",
+                              "dora_scale"})
 
 
 def _networks():
@@ -210,10 +215,16 @@ class A1111Bridge(hc.HostBridge):
         on_disk = self._on_disk(lora_file.name)
         if on_disk is None:
             raise hc.LoraLoadError("not found")
+        layers = _file_layers(on_disk.filename)
         net = self.networks.load_network(lora_file.name, on_disk)
         if net is None:
             raise hc.LoraLoadError("the Lora extension returned nothing")
-        return convert_network(net, self.mapping())
+        loaded = convert_network(net, self.mapping())
+        if layers is not None:
+            # the built-in loader drops the layers it cannot map before they reach convert_network
+            loaded.layers = layers
+            loaded.unmatched += max(0, layers - len(net.modules))
+        return loaded
 
     def _targets(self, unet: bool) -> dict[str, nn.Module]:
         return {k: m for k, m in self.mapping().items() if k.startswith("diffusion_model_") == unet}
@@ -223,6 +234,32 @@ class A1111Bridge(hc.HostBridge):
 
     def te_targets(self):
         return self._targets(False)
+
+
+def _file_layers(filename: str) -> int | None:
+    """LoRA layers a safetensors file holds, as the built-in loader groups its keys (text before the first dot).
+
+    Reads the header only. None for other file types. Raises :class:`LoraLoadError`
+    for a file with tensors but no LoRA-type key (a checkpoint or VAE in the LoRA folder).
+    """
+    if not str(filename).lower().endswith(".safetensors"):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(filename, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # unreadable here: the built-in loader's own error says why
+        return None
+    keys = [k for k in keys if not k.startswith("bundle_emb.")]  # embeddings bundled with the LoRA
+    layers = {k.partition(".")[0] for k in keys if _is_lora_part(k.partition(".")[2])}
+    if keys and not layers:
+        raise hc.LoraLoadError(hc.Reason.not_a_lora(len(keys)))
+    return len(layers)
+
+
+def _is_lora_part(part: str) -> bool:
+    return part in _LORA_PART_NAMES or part.startswith(_LORA_PART_PREFIXES)
 
 
 def lora_names() -> list[str]:
@@ -347,8 +384,7 @@ def _usable(state: GenerationState | None) -> bool:
 
 def _refuse_job(p, message: str) -> None:
     """Invalid settings: no image is made; the reason goes to the console, comments and info."""
-    text = f"LoRAtorio: {message}"
-    log.error(text)
+    text = hc.refusal_text(message)
     print(text)
     _comment(p, text)
     p.extra_generation_params[hc.INFOTEXT_KEYS["note"]] = f"refused: {message}"
@@ -436,7 +472,7 @@ def before_process_batch(p, *args, prompts=None, **kwargs) -> None:
         state.extra.pop("conds", None)
         p.extra_generation_params.update(state.infotext())
         report = state.report()
-        if report and state.skipped:
+        if report and (state.skipped or state.partial):
             print(report)
 
 
@@ -493,14 +529,16 @@ def postprocess(p, processed, *args) -> None:
     state = get_state(p)
     if state is None:
         return
+    step = "writing the report"
     try:
         report = state.report()
-        if report and (state.skipped or state.refused or state.dropped):
+        if report and (state.skipped or state.partial or state.refused or state.dropped):
             _comment(p, report)
         if state.maps and state.error is None:
+            step = "adding the composition map"
             _append_maps(state, processed)
-    except Exception as exc:  # the images are made; a failed map must not lose them
-        log.exception("LoRAtorio: composition map failed: %s", exc)
+    except Exception as exc:  # the images are made; a failure here must not lose them
+        hc.report_after_images(p, processed, exc, step, _comment)
     finally:
         state.close()
         state.extra.pop("images", None)
@@ -539,12 +577,31 @@ class _StepInput:
     text_uncond: object
     denoiser: object
     eval_index: int
+    inner_model: object = None  # the model the denoiser calls; identifies the step in ``on_cfg_denoised``
+
+    def matches(self, params) -> bool:
+        """Whether ``params`` (CFGDenoisedParams) are the outcome of this prepared step.
+
+        A step prepared by a job whose own model call then failed stays behind; the
+        next call's output must never be fused with it.
+        """
+        inner = getattr(params, "inner_model", None)
+        if self.inner_model is not None and inner is not None and inner is not self.inner_model:
+            return False
+        x_out = getattr(params, "x", None)
+        # a different batch size is a layout error that ``_run_step`` reports; other sizes mean another job
+        return isinstance(x_out, torch.Tensor) and x_out.shape[1:] == self.x.shape[1:]
 
 
 def _p_of(params):
     denoiser = getattr(params, "denoiser", None)
     p = getattr(denoiser, "p", None)
     if p is not None:
+        ref = _current["p"]
+        if ref is None or ref() is not p:
+            # the denoiser names the generation in progress: a pointer to another one is stale
+            # (a job that failed before postprocess, or a runner that never called process())
+            _current["p"] = weakref.ref(p)
         return p, denoiser
     ref = _current["p"]
     p = ref() if ref is not None else None
@@ -564,7 +621,8 @@ def on_cfg_denoiser(params) -> None:
         if not _prepare_pass(p, state):
             return
         state.extra["pending"] = _StepInput(params.x, params.sigma, params.image_cond, params.text_cond,
-                                            params.text_uncond, denoiser, int(getattr(denoiser, "step", 0)))
+                                            params.text_uncond, denoiser, int(getattr(denoiser, "step", 0)),
+                                            getattr(denoiser, "model_wrap", None))
 
 
 def on_cfg_denoised(params) -> None:
@@ -575,7 +633,7 @@ def on_cfg_denoised(params) -> None:
     if not _usable(state):
         return
     pending = state.extra.pop("pending", None)
-    if pending is None or state.composer is None:
+    if pending is None or state.composer is None or not pending.matches(params):
         return
     with _guarded(p, "composing a step"):
         _run_step(p, state, pending, params.x, params.inner_model)

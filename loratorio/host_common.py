@@ -76,6 +76,8 @@ __all__ = [
     "get_state",
     "plan_branches",
     "plan_calls",
+    "refusal_text",
+    "report_after_images",
     "scaled_set",
     "truncate_rank",
 ]
@@ -97,6 +99,16 @@ class Reason:
     NO_MATCH = "matches no layer of this model (a LoRA for another model type?)"
     NON_FINITE = "contains NaN or infinite values"
     MERGED_NOT_IN_PROMPT = "is in 'merge into base' but not in the prompt; add its tag to apply it"
+
+    @staticmethod
+    def not_a_lora(n_tensors: int) -> str:
+        """The loader's message for a file with tensors but no LoRA-type key (a checkpoint, a VAE, ...)."""
+        return (f"not a LoRA file: none of its {n_tensors} tensors has a LoRA key "
+                "(lora_up/lora_down, lora_A/lora_B, hada_, lokr_, ...)")
+
+    @staticmethod
+    def partial(matched: int, total: int) -> str:
+        return f"only {matched} of its {total} layers match this model (a LoRA for another model version?)"
 
     @staticmethod
     def misfit(problem: str) -> str:
@@ -150,8 +162,9 @@ class LoadedLora:
 
     ``unet`` and ``te`` are adapter sets keyed by target module names; ``te_merge`` holds
     pieces for packed text-encoder parameters that output hooks cannot reach (the host
-    merges them temporarily around the text-encoder pass); ``unmatched`` counts the
-    file's layers that match no module of this model; ``kinds`` names the module types.
+    merges them temporarily around the text-encoder pass); ``layers`` counts the file's
+    LoRA layers (0: not known) and ``unmatched`` those of them that give no adapter for
+    this model; ``kinds`` names the module types.
     """
 
     unet: dict = field(default_factory=dict)
@@ -159,6 +172,14 @@ class LoadedLora:
     te_merge: dict = field(default_factory=dict)
     unmatched: int = 0
     kinds: set = field(default_factory=set)
+    layers: int = 0
+
+    @property
+    def matched_fraction(self) -> tuple[int, int] | None:
+        """``(matched, total)`` layers when some of a known number are left out, else None."""
+        if self.layers <= 0 or self.unmatched <= 0:
+            return None
+        return max(0, self.layers - self.unmatched), self.layers
 
     @property
     def nbytes(self) -> int:
@@ -353,7 +374,8 @@ def plan_branches(tags: TagParse | str, settings: Settings, default_multiplier: 
         plan.skipped[text] = Reason.invalid_tag(reason)
     for tag in tags.duplicates:
         if tag.name not in merge:
-            plan.skipped.setdefault(tag.name, Reason.DUPLICATE)
+            # keyed by the tag's text: the name itself is composed (its first tag)
+            plan.skipped.setdefault(tag.text or tag.name, Reason.DUPLICATE)
     names = []
     for tag in tags.tags:
         names.append(tag.name)
@@ -389,8 +411,13 @@ class Branch:
 
 
 def load_branches(plan: BranchPlan, bridge: HostBridge, cache: AdapterCache | None,
-                  skipped: dict[str, str]) -> list[Branch]:
-    """Resolve and load every planned branch; failures go to ``skipped`` (name -> reason)."""
+                  skipped: dict[str, str], partial: dict[str, str] | None = None) -> list[Branch]:
+    """Resolve and load every planned branch; failures go to ``skipped`` (name -> reason).
+
+    A LoRA of which only some layers match the model is composed with those when at
+    least half match (the reason goes to ``partial``, reported as a note), and skipped
+    otherwise: a file mostly for another model would be a branch of stray layers.
+    """
     out: list[Branch] = []
     by_path: dict[str, str] = {}
     for spec in plan.branches:
@@ -412,6 +439,14 @@ def load_branches(plan: BranchPlan, bridge: HostBridge, cache: AdapterCache | No
         if not loaded.all_finite():
             skipped[spec.name] = Reason.NON_FINITE
             continue
+        fraction = loaded.matched_fraction
+        if fraction is not None:
+            matched, total = fraction
+            if 2 * matched < total:
+                skipped[spec.name] = Reason.partial(matched, total)
+                continue
+            if partial is not None:
+                partial[spec.name] = Reason.partial(matched, total)
         by_path[lora_file.path] = spec.name
         out.append(Branch(
             spec=spec,
@@ -539,6 +574,7 @@ class GenerationState:
         self.plan = plan or BranchPlan()
         self.branches: list[Branch] = []
         self.skipped: dict[str, str] = dict(self.plan.skipped)
+        self.partial: dict[str, str] = {}  # name -> why only some of its layers are composed
         self.notes: list[str] = []
         self.refused: str | None = None  # set when LoRAtorio does not run at all
         self.error: BaseException | None = None
@@ -559,14 +595,17 @@ class GenerationState:
         """Plan and load the branches of a batch whose first prompt is ``prompt``.
 
         Returns True when the branches differ from the previous batch's (the host then
-        rebuilds its router). Skip reasons accumulate over the batches.
+        rebuilds its router). Each LoRA keeps the outcome of the latest batch that names
+        it (composed, composed in part, or skipped with a reason); LoRAs of earlier
+        batches' prompts keep theirs.
         """
         plan = plan_branches(parse_lora_tags(prompt), self.settings, bridge.default_multiplier)
         self.plan = plan
-        self.skipped.update(plan.skipped)
+        skipped = dict(plan.skipped)
+        partial: dict[str, str] = {}
         if cache is not None:
             cache.use_model(bridge.model_key())
-        branches = load_branches(plan, bridge, cache, self.skipped)
+        branches = load_branches(plan, bridge, cache, skipped, partial)
         unet_targets = bridge.unet_targets()
         te_targets = bridge.te_targets()
         fitting = []
@@ -574,9 +613,15 @@ class GenerationState:
             problem = (check_fit(branch.unet, unet_targets) or check_fit(branch.te, te_targets)
                        or check_fit(branch.te_merge, te_targets, packed=True))
             if problem:
-                self.skipped[branch.name] = Reason.misfit(problem)
+                skipped[branch.name] = Reason.misfit(problem)
+                partial.pop(branch.name, None)
             else:
                 fitting.append(branch)
+        for name in {s.name for s in plan.branches} | set(skipped):
+            self.skipped.pop(name, None)
+            self.partial.pop(name, None)
+        self.skipped.update(skipped)
+        self.partial.update(partial)
         changed = [(b.spec, b.file) for b in fitting] != [(b.spec, b.file) for b in self.branches]
         self.branches = fitting
         note = "no LoRA to compose; plain generation"
@@ -649,7 +694,7 @@ class GenerationState:
             d[INFOTEXT_KEYS["skipped"]] = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
         if self.dropped:
             d[INFOTEXT_KEYS["dropped"]] = "; ".join(f"{k}: {v}" for k, v in self.dropped.items())
-        notes = list(self.notes)
+        notes = self._partial_notes() + self.notes
         if self.error is not None:
             notes.append(f"stopped by an error: {self.error}")
         if notes:
@@ -665,16 +710,51 @@ class GenerationState:
             parts.append(f"skipped {name}: {reason}")
         for name, n in self.dropped.items():
             parts.append(f"{name} gave non-finite output at {n} step(s), left out there")
+        parts.extend(self._partial_notes())
         parts.extend(self.notes)
         if self.error is not None:
             parts.append(f"stopped by an error: {self.error}")
         return "LoRAtorio: " + "; ".join(parts) if parts else ""
+
+    def _partial_notes(self) -> list[str]:
+        names = set(self.names)
+        return [f"{name}: {why}" for name, why in self.partial.items() if name in names and self.refused is None]
 
     def close(self) -> None:
         """Drop the per-generation objects that hold device memory (routers, conds)."""
         self.router = None
         self.composer = None
         self.extra.clear()
+
+
+def refusal_text(message: str) -> str:
+    """A refused job's console and UI line: the message with one ``LoRAtorio:`` prefix where it names none."""
+    return message if message.startswith("LoRAtorio") else f"LoRAtorio: {message}"
+
+
+def report_after_images(p, processed, exc: BaseException, step: str, comment: Callable[[object, str], None]) -> str:
+    """Report an error of the last hook (``postprocess``), when the images are already made.
+
+    The generation is not stopped (nothing is left to stop) and its images are kept; the
+    error goes to the console with its traceback, the UI comments (the processed result's,
+    which the UI shows, and the processing object's) and the infotext note of later
+    reads of ``p.extra_generation_params``. Returns the message.
+    """
+    text = f"LoRAtorio: {step} failed after the images were made: {type(exc).__name__}: {exc}"
+    try:
+        from modules import errors
+
+        errors.report(text, exc_info=True)
+    except Exception:
+        print(text)
+    comment(p, text)
+    if isinstance(getattr(processed, "comments", None), str):
+        processed.comments = (processed.comments + "\n" + text) if processed.comments else text
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict):
+        note = INFOTEXT_KEYS["note"]
+        params[note] = "; ".join(filter(None, [params.get(note), f"{step} failed: {exc}"]))
+    return text
 
 
 def get_state(p) -> GenerationState | None:

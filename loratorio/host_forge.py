@@ -72,7 +72,9 @@ from .host_common import (
     LoadedLora,
     LoraFile,
     LoraLoadError,
+    Reason,
     get_state,
+    report_after_images,
 )
 from .lora import Dense, LowRank, OutputSlice, pieces
 from .routing import Router, RoutingError
@@ -291,8 +293,7 @@ def loaded_from_state_dict(state_dict: Mapping, unet_model: torch.nn.Module, tex
     """
     forge = forge or _forge()
     if not any(k.endswith(_LORA_SUFFIXES) for k in state_dict):
-        raise LoraLoadError(f"not a LoRA file: none of its {len(state_dict)} tensors has a LoRA key "
-                            "(lora_up/lora_down, lora_A/lora_B, hada_, lokr_, ...)")
+        raise LoraLoadError(Reason.not_a_lora(len(state_dict)))
     unet_map = forge.lora.model_lora_keys_unet(unet_model, {})
     unet_patches, rest = forge.lora.load_lora(dict(state_dict), unet_map)
     te_patches: dict = {}
@@ -317,7 +318,8 @@ def loaded_from_state_dict(state_dict: Mapping, unet_model: torch.nn.Module, tex
         # the file matches this model but none of its layers can run as a branch: say why
         key, reason = skipped[0]
         raise LoraLoadError(f"none of its {len(skipped)} matching layers can be composed ({key}: {reason})")
-    return LoadedLora(unet=unet, te=te, unmatched=_layer_count(rest) + len(skipped), kinds=kinds | kinds_te)
+    return LoadedLora(unet=unet, te=te, unmatched=_layer_count(rest) + len(skipped), kinds=kinds | kinds_te,
+                      layers=_layer_count(state_dict))
 
 
 def _backup_of(model) -> dict:
@@ -857,9 +859,10 @@ def _usable(state: GenerationState | None) -> bool:
 
 def _refuse_job(p, message: str) -> None:
     """Invalid settings: no image is made; the reason goes to the console, the comments and the infotext."""
+    from .host_common import refusal_text
     from .settings import INFOTEXT_KEYS
 
-    text = f"LoRAtorio: {message}"
+    text = refusal_text(message)
     print(text)
     _comment(p, text)
     p.extra_generation_params[INFOTEXT_KEYS["note"]] = f"refused: {message}"
@@ -946,7 +949,7 @@ def before_process_batch(p, *args, prompts=None, **kwargs) -> None:
         _flux_note(p, state)
         p.extra_generation_params.update(state.infotext())
         report = state.report()
-        if report and state.skipped:
+        if report and (state.skipped or state.partial):
             print(report)
 
 
@@ -1090,15 +1093,18 @@ def postprocess(p, processed, *args) -> None:
     state = get_state(p)
     if state is None:
         return
+    step = "restoring the model after the last pass"
     try:
         _release_pass(p, state)
+        step = "writing the report"
         report = state.report()
-        if report and (state.skipped or state.refused or state.dropped):
+        if report and (state.skipped or state.partial or state.refused or state.dropped):
             _comment(p, report)
         if state.maps and state.error is None:
+            step = "adding the composition map"
             _append_maps(state, processed)
-    except Exception as exc:  # the images are made; a failed map must not lose them
-        print(f"LoRAtorio: composition map failed: {exc}")
+    except Exception as exc:  # the images are made; a failure here must not lose them
+        report_after_images(p, processed, exc, step, _comment)
     finally:
         state.close()
         state.extra.pop("images", None)

@@ -250,17 +250,17 @@ def injected(fault: Fault, driver, monkeypatch):
 
             patch(driver.host, fault.target, hooked)
         elif fault.kind in ("branch", "text_encoder", "keyboard"):
-            original_apply = routing._ModulePlan.apply
+            original_apply = routing._ModulePlan.run
             ids = driver.te_ids() if fault.kind == "text_encoder" else driver.unet_ids()
 
-            def apply(plan, x, out, spans):
+            def apply(plan, x, out, jobs):
                 if id(plan.module) in ids:
                     hits["apply"] += 1
                     if hits["apply"] == fault.at:
                         fire()
-                return original_apply(plan, x, out, spans)
+                return original_apply(plan, x, out, jobs)
 
-            patch(routing._ModulePlan, "apply", apply)
+            patch(routing._ModulePlan, "run", apply)
         elif fault.kind == "fusion":
             original_compose = engine.compose
 

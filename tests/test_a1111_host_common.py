@@ -25,7 +25,8 @@ def test_plan_branches_rules():
         ("a", 0.5, 0.5, "prompt"), ("b", 0.0, 1.0, "prompt"), ("p1", 1.0, 1.0, "pool")]
     assert plan.merged == ["m"]
     assert plan.skipped["z"] == hc.Reason.ZERO
-    assert plan.skipped["a"] == hc.Reason.DUPLICATE  # the first tag is composed, the second reported
+    assert plan.skipped["<lora:a>"] == hc.Reason.DUPLICATE  # the first tag is composed, the second reported
+    assert "a" not in plan.skipped
     assert "merge into base" in plan.skipped["absent"]
     assert "not a number" in plan.skipped["<lora:bad:x>"]
 
@@ -136,6 +137,10 @@ class Bridge(hc.HostBridge):
             return hc.LoadedLora(unet={"lin": LowRank(torch.full((2, 3), float("nan")), torch.ones(4, 2))})
         if lora_file.name == "wide":
             return hc.LoadedLora(unet={"lin": lr(out_f=9)})
+        if lora_file.name == "flaky" and self.loads.count("flaky") == 1:
+            raise OSError("file busy")
+        if lora_file.name in ("most", "few"):
+            return hc.LoadedLora(unet={"lin": lr(seed=4)}, layers=4, unmatched=2 if lora_file.name == "most" else 3)
         return hc.LoadedLora(unet={"lin": lr(seed=len(lora_file.name))}, te={"te": lr(seed=1)})
 
     def unet_targets(self):
@@ -191,3 +196,35 @@ def test_delta_of_scaled_set_is_linear_in_the_multiplier():
     piece = lr(seed=3)
     full = delta_weight(piece, (4, 3))
     torch.testing.assert_close(delta_weight(hc.scaled_set({"m": piece}, -0.7)["m"], (4, 3)), -0.7 * full)
+
+
+def test_each_lora_keeps_the_outcome_of_the_latest_batch():
+    targets = {"lin": nn.Linear(3, 4), "te": nn.Linear(3, 4)}
+    bridge = Bridge({n: f"/loras/{n}.safetensors" for n in ("good", "flaky")}, targets)
+    state = hc.GenerationState(Settings(enabled=True))
+    state.load("<lora:good> <lora:flaky>", bridge, None)  # batch 1: flaky fails to load
+    assert state.names == ["good"]
+    assert state.skipped == {"flaky": "could not be loaded (file busy)"}
+    state.load("<lora:good> <lora:flaky>", bridge, None)  # batch 2: it loads
+    assert state.names == ["good", "flaky"]
+    assert state.skipped == {}
+    info = state.infotext()
+    assert info["LoRAtorio LoRAs"] == "good, flaky"
+    assert "LoRAtorio skipped" not in info
+    assert state.report() == "LoRAtorio: composing 2 LoRA(s): good, flaky"
+    state.load("<lora:good> <lora:ghost>", bridge, None)  # batch 3: another LoRA's reason is added
+    assert state.skipped == {"ghost": hc.Reason.NOT_FOUND}
+
+
+def test_lora_matching_part_of_the_model_is_composed_with_a_note_or_skipped_below_half():
+    targets = {"lin": nn.Linear(3, 4), "te": nn.Linear(3, 4)}
+    bridge = Bridge({n: f"/loras/{n}.safetensors" for n in ("most", "few")}, targets)
+    state = hc.GenerationState(Settings(enabled=True))
+    state.load("<lora:most> <lora:few>", bridge, None)
+    assert state.names == ["most"]
+    assert state.skipped == {"few": "only 1 of its 4 layers match this model (a LoRA for another model version?)"}
+    assert state.partial == {"most": "only 2 of its 4 layers match this model (a LoRA for another model version?)"}
+    assert state.infotext()["LoRAtorio note"] == ("most: only 2 of its 4 layers match this model (a LoRA for another "
+                                                  "model version?)")
+    state.load("<lora:few>", bridge, None)  # most is not in this batch: its note stays with its images' batch
+    assert state.names == [] and "most" not in state.infotext().get("LoRAtorio note", "")

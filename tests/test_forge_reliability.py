@@ -50,14 +50,14 @@ def _inject(mp, where, boom):
 
         mp.setattr(Composer, "fuse", fuse)
     elif where == "model_call":
-        original_apply = routing._ModulePlan.apply
+        original_apply = routing._ModulePlan.run
 
-        def apply(self, x, out, spans):
+        def apply(self, x, out, jobs):
             if "attn1" in self.name:
                 raise boom
-            return original_apply(self, x, out, spans)
+            return original_apply(self, x, out, jobs)
 
-        mp.setattr(routing._ModulePlan, "apply", apply)
+        mp.setattr(routing._ModulePlan, "run", apply)
     elif where == "text_encoder":
         def texts(*a, **k):
             raise boom
@@ -108,14 +108,14 @@ def test_same_model_after_an_error_gives_bit_identical_plain_generations(monkeyp
     w0 = env.weights()
     _, before = env.run(prompt, None)
     _, before_nolora = env.run("a fox", None)
-    original = routing._ModulePlan.apply
+    original = routing._ModulePlan.run
 
-    def apply(self, x, out, spans):
+    def apply(self, x, out, jobs):
         raise RuntimeError("inside a branch call")
 
-    monkeypatch.setattr(routing._ModulePlan, "apply", apply)
+    monkeypatch.setattr(routing._ModulePlan, "run", apply)
     env.run(prompt, {})
-    monkeypatch.setattr(routing._ModulePlan, "apply", original)
+    monkeypatch.setattr(routing._ModulePlan, "run", original)
     _clean(env, w0)
     _, after = env.run(prompt, None)
     _, after_nolora = env.run("a fox", None)
@@ -128,10 +128,10 @@ def test_keyboard_interrupt_inside_a_branch_call_leaves_nothing_attached(monkeyp
     prompt = _two_loras(env)
     w0 = env.weights()
 
-    def apply(self, x, out, spans):
+    def apply(self, x, out, jobs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(routing._ModulePlan, "apply", apply)
+    monkeypatch.setattr(routing._ModulePlan, "run", apply)
     with pytest.raises(KeyboardInterrupt):
         env.run(prompt, {})
     assert env.hooks() == 0
@@ -211,13 +211,17 @@ def test_bad_loras_are_skipped_with_a_reason_and_the_others_composed(monkeypatch
 def test_invalid_api_arguments_refuse_the_job_with_the_field_named(monkeypatch, tmp_path):
     env = make_env(monkeypatch, tmp_path)
     prompt = _two_loras(env)
-    _, out = env.run(prompt, {"recenter": "high"})
-    assert "recenter" in out.infotexts[0] and "refused" in out.infotexts[0]
+    p, out = env.run(prompt, {"recenter": "high"})
+    message = "LoRAtorio setting 'recenter' must be a number (0 to 1), got 'high' (str)"
+    assert p.extra_generation_params["LoRAtorio note"] == f"refused: {message}"
+    assert out.comments == message
     from modules import shared
 
     assert shared.state.interrupted
+    assert out.images == [] and out.latents == [] and out.infotexts == []  # refused: no image is made
     _p, out = env.run(prompt, {"lambda": 0.5})
-    assert "unknown LoRAtorio setting" in out.comments
+    assert out.comments.startswith("LoRAtorio: unknown LoRAtorio setting(s) 'lambda'; allowed keys: enabled, ")
+    assert out.images == []
 
 
 def test_hires_fix_restarts_the_schedule_and_reuses_branch_texts(monkeypatch, tmp_path):
@@ -283,4 +287,34 @@ def test_img2img_composes_and_leaves_nothing(monkeypatch, tmp_path):
     _, composed = env.run(prompt, {}, img2img=True, init_latent=init, denoising_strength=0.7)
     assert "LoRAtorio LoRAs: a, b" in composed.infotexts[0]
     assert (_latents(composed) - _latents(plain)).abs().max() > 1e-3
+    _clean(env, w0)
+
+
+def test_an_error_in_postprocess_names_its_step_and_is_reported_without_losing_the_images(monkeypatch, tmp_path):
+    import sys
+
+    env = make_env(monkeypatch, tmp_path)
+    prompt = _two_loras(env)
+    w0 = env.weights()
+    original = host_forge._release_pass
+
+    def release(p, state):
+        if sys._getframe(1).f_code.co_name == "postprocess":
+            raise RuntimeError("injected restore failure")
+        return original(p, state)
+
+    monkeypatch.setattr(host_forge, "_release_pass", release)
+    from modules import errors
+
+    before = len(errors.REPORTED)
+    p, out = env.run(prompt, {}, negative_prompt="n")
+    text = ("LoRAtorio: restoring the model after the last pass failed after the images were made: "
+            "RuntimeError: injected restore failure")
+    assert [msg for _, msg in errors.REPORTED[before:]] == [text]
+    assert text in p.comments
+    assert out.comments.splitlines()[-1] == text
+    assert p.extra_generation_params["LoRAtorio note"] == ("restoring the model after the last pass failed: "
+                                                           "injected restore failure")
+    assert len(out.images) == 1 and torch.isfinite(_latents(out)).all()
+    monkeypatch.setattr(host_forge, "_release_pass", original)
     _clean(env, w0)

@@ -85,17 +85,17 @@ def _hook_left(driver, stack):
 def _weights_written(driver, stack):
     from loratorio import routing
 
-    original = routing._ModulePlan.apply
+    original = routing._ModulePlan.run
     done = []
 
-    def apply(plan, x, out, spans):
+    def apply(plan, x, out, jobs):
         if not done and hasattr(plan.module, "weight"):
             done.append(True)
             with torch.no_grad():
                 plan.module.weight.mul_(1.001)
-        return original(plan, x, out, spans)
+        return original(plan, x, out, jobs)
 
-    stack.enter_context(_patched(routing._ModulePlan, "apply", apply))
+    stack.enter_context(_patched(routing._ModulePlan, "run", apply))
 
 
 def _generation_kept(driver, stack):

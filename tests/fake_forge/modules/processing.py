@@ -209,6 +209,11 @@ def process_images(p):
     images, latents, infotexts = [], [], []
     for n in range(p.n_iter):
         p.iteration = n
+        # as the WebUI's loop: a skip ends with its batch, an interrupt ends the job before the next batch
+        if shared.state.skipped:
+            shared.state.skipped = False
+        if shared.state.interrupted:
+            break
         sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
         p.prompts, p.negative_prompts = p.all_prompts[sl], p.all_negative_prompts[sl]
         p.seeds = p.all_seeds[sl]
