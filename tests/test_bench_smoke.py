@@ -1,0 +1,59 @@
+"""The benchmark's smallest case runs end to end and reports a finite measured value per key.
+
+Not a timing test: the toy model's timings mean nothing. It keeps ``bench/run.py`` from
+rotting (API drift in the core, the docs writer, the plot).
+"""
+
+import json
+import math
+
+import pytest
+
+from bench import _report
+from bench.run import KEYS, run
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run(quick=True, smoke=True, log=lambda message: None)
+
+
+def test_every_key_holds_a_finite_measured_value(result):
+    for key in (*KEYS, "fusion_fraction"):
+        assert isinstance(result[key], float), key
+        assert math.isfinite(result[key]), key
+        assert result[key] > 0, key
+    assert result["mode"] == "smoke"
+    assert set(result["targets"]) == {*KEYS, "fusion_fraction"} - {"fusion_ms"}
+
+
+def test_routed_rows_match_merged_weights_and_adapters_matter(result):
+    error = result["detail"]["routing_error"]
+    assert result["routing_max_rel_error"] < 1e-4
+    assert len(error["per_lora"]) == 4
+    # Each LoRA changes the output by far more than the routing error: the check is not vacuous.
+    assert min(error["lora_effect_rel"]) > 100 * result["routing_max_rel_error"]
+
+
+def test_memory_and_pruning_schedule_are_what_the_suite_claims(result):
+    assert result["adapter_memory_ratio"] <= 2.0
+    pruning = result["detail"]["pruning"]
+    assert pruning["branches_per_step"]["all"] == [8] * 20
+    assert pruning["branches_per_step"]["pruned"] == [8 if k % 5 == 0 else 2 for k in range(20)]
+    assert pruning["evaluation_ratio"] == pytest.approx(168 / 360)
+    flops = result["detail"]["flops"]
+    assert 0 < flops["adapter_share_of_unet"] < flops["adapter_share_of_targets"] < 1
+
+
+def test_json_table_and_docs_are_produced(result, tmp_path):
+    text = json.dumps(_report.jsonable(result))
+    assert json.loads(text)["routing_overhead"] == pytest.approx(result["routing_overhead"])
+    table = _report.table(result)
+    for key in KEYS:
+        assert key in table
+    paths = _report.write_docs(result, tmp_path, command="python bench/run.py --smoke")
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "| Routing overhead |" in page
+    assert result["machine"]["cpu"] in page
+    assert (tmp_path / "images" / "bench_step_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(paths) == 2
