@@ -372,21 +372,12 @@ def _hires_conds(p, state, bridge) -> _PassConds:
 # -- generation lifecycle (called by the script) ------------------------------------------------
 
 
-def _comment(p, text: str) -> None:
-    comment = getattr(p, "comment", None)
-    if callable(comment):
-        comment(text)
-
-
-def _usable(state: GenerationState | None) -> bool:
-    return state is not None and state.refused is None and state.error is None
-
 
 def _refuse_job(p, message: str) -> None:
     """Invalid settings: no image is made; the reason goes to the console, comments and info."""
     text = hc.refusal_text(message)
     print(text)
-    _comment(p, text)
+    hc.comment(p, text)
     p.extra_generation_params[hc.INFOTEXT_KEYS["note"]] = f"refused: {message}"
     _shared().state.interrupt()
 
@@ -404,7 +395,7 @@ def _fail(p, state: GenerationState | None, exc: BaseException, where: str) -> N
         state.error = exc
         state.close()
         p.extra_generation_params.update(state.infotext())
-    _comment(p, text)
+    hc.comment(p, text)
     _shared().state.interrupt()
 
 
@@ -450,13 +441,13 @@ def process(p, *args) -> None:
         reason = _refusal(p)
         if reason:
             state.refuse(reason)
-            _comment(p, f"LoRAtorio: {reason}; generating without it")
+            hc.comment(p, f"LoRAtorio: {reason}; generating without it")
         p.extra_generation_params.update(state.infotext())
 
 
 def before_process_batch(p, *args, prompts=None, **kwargs) -> None:
     state = get_state(p)
-    if not _usable(state):
+    if not hc.usable(state):
         return
     state.composer = None
     with _guarded(p, "loading LoRAs"):
@@ -479,7 +470,7 @@ def before_process_batch(p, *args, prompts=None, **kwargs) -> None:
 def after_extra_networks_activate(p, *args, extra_network_data=None, **kwargs) -> None:
     """Take the composed LoRAs away from the built-in before it merges anything (it merges lazily)."""
     state = get_state(p)
-    if not _usable(state) or not state.branches:
+    if not hc.usable(state) or not state.branches:
         return
     with _guarded(p, "keeping the built-in Lora off the composed LoRAs"):
         names = state.handled_names
@@ -497,7 +488,7 @@ def after_extra_networks_activate(p, *args, extra_network_data=None, **kwargs) -
 
 def process_batch(p, *args, **kwargs) -> None:
     state = get_state(p)
-    if not _usable(state) or not state.branches:
+    if not hc.usable(state) or not state.branches:
         return
     with _guarded(p, "text encoder"):
         bridge = state.extra.get("bridge") or A1111Bridge()
@@ -506,11 +497,6 @@ def process_batch(p, *args, **kwargs) -> None:
         state.extra["model_id"] = id(_shared().sd_model)
         state.new_composer()
 
-
-def postprocess_image(p, pp, *args) -> None:
-    state = get_state(p)
-    if state is not None and state.settings.composition_map and state.composer is not None:
-        state.extra.setdefault("images", []).append(pp.image)
 
 
 def postprocess_batch(p, *args, **kwargs) -> None:
@@ -533,12 +519,12 @@ def postprocess(p, processed, *args) -> None:
     try:
         report = state.report()
         if report and (state.skipped or state.partial or state.refused or state.dropped):
-            _comment(p, report)
+            hc.comment(p, report)
         if state.maps and state.error is None:
             step = "adding the composition map"
-            _append_maps(state, processed)
+            hc.append_maps(state, processed)
     except Exception as exc:  # the images are made; a failure here must not lose them
-        hc.report_after_images(p, processed, exc, step, _comment)
+        hc.report_after_images(p, processed, exc, step, hc.comment)
     finally:
         state.close()
         state.extra.pop("images", None)
@@ -546,23 +532,6 @@ def postprocess(p, processed, *args) -> None:
         if current is not None and current() is p:
             _current["p"] = None
 
-
-def _append_maps(state: GenerationState, processed) -> None:
-    from .compmap import render_map
-
-    images = state.extra.get("images") or []
-    first = getattr(processed, "index_of_first_image", 0)
-    infotexts = getattr(processed, "infotexts", None)
-    for i, (weights, names) in enumerate(state.maps):
-        if i < len(images):
-            base = images[i]
-        elif first + i < len(processed.images):
-            base = processed.images[first + i]
-        else:
-            break
-        processed.images.append(render_map(base, weights, names))
-        if infotexts is not None and len(infotexts) > first + i:
-            infotexts.append(infotexts[first + i])
 
 
 # -- the per-step hook ---------------------------------------------------------------------------
@@ -614,7 +583,7 @@ def _p_of(params):
 def on_cfg_denoiser(params) -> None:
     p, denoiser = _p_of(params)
     state = get_state(p) if p is not None else None
-    if not _usable(state) or state.composer is None or denoiser is None:
+    if not hc.usable(state) or state.composer is None or denoiser is None:
         return
     state.extra.pop("pending", None)
     with _guarded(p, "preparing a step"):
@@ -630,7 +599,7 @@ def on_cfg_denoised(params) -> None:
     ref = _current["p"]
     p = ref() if ref is not None else None
     state = get_state(p) if p is not None else None
-    if not _usable(state):
+    if not hc.usable(state):
         return
     pending = state.extra.pop("pending", None)
     if pending is None or state.composer is None or not pending.matches(params):
@@ -872,3 +841,6 @@ def register_callbacks() -> None:
 def defaults():
     return hc.configured_defaults(_shared().opts)
 
+
+
+postprocess_image = hc.keep_image_for_map

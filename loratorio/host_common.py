@@ -765,6 +765,47 @@ def tags_of(prompt: str) -> list[LoraTag]:
     return parse_lora_tags(prompt).tags
 
 
+# -- lifecycle helpers both host adapters use ------------------------------------------------
+
+
+def comment(p, text: str) -> None:
+    """Show ``text`` under the generated images (the processing object's comments)."""
+    fn = getattr(p, "comment", None)
+    if callable(fn):
+        fn(text)
+
+
+def usable(state: GenerationState | None) -> bool:
+    """Whether the generation's state may still compose (not refused, no error so far)."""
+    return state is not None and state.refused is None and state.error is None
+
+
+def keep_image_for_map(p, pp, *script_args) -> None:
+    """``postprocess_image``: remember each finished image the composition map is drawn over."""
+    state = get_state(p)
+    if state is not None and state.settings.composition_map and state.composer is not None:
+        state.extra.setdefault("images", []).append(pp.image)
+
+
+def append_maps(state: GenerationState, processed) -> None:
+    """Add one composition map per generated image after the images, with the image's infotext."""
+    from .compmap import render_map
+
+    images = state.extra.get("images") or []
+    first = getattr(processed, "index_of_first_image", 0)
+    infotexts = getattr(processed, "infotexts", None)
+    for i, (weights, names) in enumerate(state.maps):
+        if i < len(images):
+            base = images[i]
+        elif first + i < len(processed.images):
+            base = processed.images[first + i]
+        else:
+            break
+        processed.images.append(render_map(base, weights, names))
+        if infotexts is not None and len(infotexts) > first + i:
+            infotexts.append(infotexts[first + i])
+
+
 # -- WebUI pieces shared by both hosts (gradio and the host's modules imported lazily) ----------
 
 CACHE_OPTION = "loratorio_cache_mb"

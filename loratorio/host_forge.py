@@ -65,6 +65,7 @@ from types import SimpleNamespace
 
 import torch
 
+from . import host_common as hc
 from .host_common import (
     AdapterCache,
     GenerationState,
@@ -643,7 +644,7 @@ def make_post_cfg(ctx: PassContext) -> Callable[[dict], torch.Tensor]:
     """
 
     def post_cfg(args):
-        if ctx.closed or not _usable(ctx.state) or ctx.state.composer is None:
+        if ctx.closed or not hc.usable(ctx.state) or ctx.state.composer is None:
             return args["denoised"]
         try:
             return _post_cfg(ctx, args)
@@ -842,19 +843,11 @@ def _shared():
     return shared
 
 
-def _comment(p, text: str) -> None:
-    comment = getattr(p, "comment", None)
-    if callable(comment):
-        comment(text)
-
 
 def _note(state: GenerationState, text: str) -> None:
     if text not in state.notes:
         state.notes.append(text)
 
-
-def _usable(state: GenerationState | None) -> bool:
-    return state is not None and state.refused is None and state.error is None
 
 
 def _refuse_job(p, message: str) -> None:
@@ -864,7 +857,7 @@ def _refuse_job(p, message: str) -> None:
 
     text = refusal_text(message)
     print(text)
-    _comment(p, text)
+    hc.comment(p, text)
     p.extra_generation_params[INFOTEXT_KEYS["note"]] = f"refused: {message}"
     _shared().state.interrupt()
 
@@ -887,7 +880,7 @@ def _fail(p, state: GenerationState | None, exc: BaseException, where: str) -> N
         _release_pass(p, state)
         p.extra_generation_params.update(state.infotext())
         state.close()
-    _comment(p, text)
+    hc.comment(p, text)
     _shared().state.interrupt()
 
 
@@ -909,7 +902,6 @@ def _refusal(p) -> str | None:
 
 
 def process(p, *args) -> None:
-    from . import host_common as hc
     from .settings import SettingsError
 
     setattr(p, hc.STATE_ATTR, None)
@@ -928,13 +920,13 @@ def process(p, *args) -> None:
         reason = _refusal(p)
         if reason:
             state.refuse(reason)
-            _comment(p, f"LoRAtorio: {reason}; generating without it")
+            hc.comment(p, f"LoRAtorio: {reason}; generating without it")
         p.extra_generation_params.update(state.infotext())
 
 
 def before_process_batch(p, *args, prompts=None, **kwargs) -> None:
     state = get_state(p)
-    if not _usable(state):
+    if not hc.usable(state):
         return
     state.composer = None
     with _guarded(p, "loading LoRAs"):
@@ -971,7 +963,7 @@ def after_extra_networks_activate(p, *args, extra_network_data=None, **kwargs) -
     key, and a later ordinary generation must not get conds cached without them.
     """
     state = get_state(p)
-    if not _usable(state) or not state.branches or extra_network_data is None:
+    if not hc.usable(state) or not state.branches or extra_network_data is None:
         return
     with _guarded(p, "keeping the built-in LoRA off the composed LoRAs"):
         from modules import extra_networks
@@ -1028,7 +1020,7 @@ def _add_hashes(p, names: Sequence[str]) -> None:
 
 def process_batch(p, *args, **kwargs) -> None:
     state = get_state(p)
-    if not _usable(state) or not state.branches:
+    if not hc.usable(state) or not state.branches:
         return
     with _guarded(p, "starting a batch"):
         state.new_composer()
@@ -1038,7 +1030,7 @@ def process_batch(p, *args, **kwargs) -> None:
 def process_before_every_sampling(p, *args, **kwargs) -> None:
     """Start of a sampling pass (twice around a hires pass): per-branch text conds and the step on a UNet clone."""
     state = get_state(p)
-    if not _usable(state) or not state.branches or state.composer is None:
+    if not hc.usable(state) or not state.branches or state.composer is None:
         return
     with _guarded(p, "preparing a sampling pass"):
         bridge = state.extra.get("bridge")
@@ -1053,11 +1045,6 @@ def process_before_every_sampling(p, *args, **kwargs) -> None:
                 state.composer.new_pass()
         install_pass(p, state, has_uncond=kwargs.get("uc") is not None)
 
-
-def postprocess_image(p, pp, *args) -> None:
-    state = get_state(p)
-    if state is not None and state.settings.composition_map and state.composer is not None:
-        state.extra.setdefault("images", []).append(pp.image)
 
 
 def postprocess_batch(p, *args, **kwargs) -> None:
@@ -1099,33 +1086,16 @@ def postprocess(p, processed, *args) -> None:
         step = "writing the report"
         report = state.report()
         if report and (state.skipped or state.partial or state.refused or state.dropped):
-            _comment(p, report)
+            hc.comment(p, report)
         if state.maps and state.error is None:
             step = "adding the composition map"
-            _append_maps(state, processed)
+            hc.append_maps(state, processed)
     except Exception as exc:  # the images are made; a failure here must not lose them
-        report_after_images(p, processed, exc, step, _comment)
+        report_after_images(p, processed, exc, step, hc.comment)
     finally:
         state.close()
         state.extra.pop("images", None)
 
-
-def _append_maps(state: GenerationState, processed) -> None:
-    from .compmap import render_map
-
-    images = state.extra.get("images") or []
-    first = getattr(processed, "index_of_first_image", 0)
-    infotexts = getattr(processed, "infotexts", None)
-    for i, (weights, names) in enumerate(state.maps):
-        if i < len(images):
-            base = images[i]
-        elif first + i < len(processed.images):
-            base = processed.images[first + i]
-        else:
-            break
-        processed.images.append(render_map(base, weights, names))
-        if infotexts is not None and len(infotexts) > first + i:
-            infotexts.append(infotexts[first + i])
 
 
 # -- registration and UI helpers --------------------------------------------------------------------
@@ -1147,7 +1117,6 @@ def refresh_loras() -> None:
 
 
 def defaults():
-    from . import host_common as hc
 
     return hc.configured_defaults(_shared().opts)
 
@@ -1163,7 +1132,6 @@ def register_callbacks() -> None:
     """WebUI callbacks (once per script load). Forge needs no CFG callbacks: the step lives on the UNet clone."""
     from modules import script_callbacks as cb
 
-    from . import host_common as hc
 
     def on_model_loaded(sd_model):
         CACHE.clear()
@@ -1182,3 +1150,6 @@ def register_callbacks() -> None:
     _on(cb.on_model_loaded, on_model_loaded, "loratorio_model_loaded")
     _on(cb.on_ui_settings, on_ui_settings, "loratorio_ui_settings")
     _on(cb.on_before_ui, on_before_ui, "loratorio_xyz")
+
+
+postprocess_image = hc.keep_image_for_map
