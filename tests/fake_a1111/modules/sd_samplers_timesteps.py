@@ -60,3 +60,21 @@ class CompVisSampler(sd_samplers_common.Sampler):
         extra = self.sampler_extra_args
         return self.launch_sampling(steps, lambda: ddim(self.model_wrap_cfg, x, timesteps, extra_args=extra,
                                                         callback=self.callback_state))
+
+    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,
+                       image_conditioning=None):
+        """The img2img / hires pass: noise the init latent to the first kept timestep, then DDIM from there."""
+        steps = steps or p.steps
+        t_enc = max(1, int(min(p.denoising_strength, 0.999) * steps))
+        timesteps = torch.linspace(999, 0, steps).round().long()[steps - t_enc:]
+        a_t = shared.sd_model.alphas_cumprod[timesteps[0]]
+        xi = x * a_t.sqrt() + noise * (1 - a_t).sqrt()
+        self.initialize(p)
+        self.model_wrap_cfg.init_latent = x
+        self.last_latent = x
+        self.sampler_extra_args = {"cond": conditioning, "image_cond": image_conditioning,
+                                   "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale,
+                                   "s_min_uncond": self.s_min_uncond}
+        extra = self.sampler_extra_args
+        return self.launch_sampling(t_enc, lambda: ddim(self.model_wrap_cfg, xi, timesteps, extra_args=extra,
+                                                        callback=self.callback_state))
