@@ -182,8 +182,11 @@ def delta_weight(entry, weight_shape) -> torch.Tensor:
     packed parameters that output hooks cannot reach (restored bit-exactly by the caller).
     """
     shape = torch.Size(weight_shape)
-    total = torch.zeros(shape, dtype=torch.float32)
-    for piece in pieces(entry):
+    items = pieces(entry)
+    first = items[0].inner if items and isinstance(items[0], OutputSlice) else (items[0] if items else None)
+    device = (first.down if isinstance(first, LowRank) else first.delta_tensor).device if first is not None else None
+    total = torch.zeros(shape, dtype=torch.float32, device=device)
+    for piece in items:
         if isinstance(piece, OutputSlice):
             sub = _fit(piece.inner.delta(), torch.Size((piece.size, *shape[1:])))
             total[piece.offset:piece.offset + piece.size] += sub

@@ -289,10 +289,25 @@ class _ModulePlan:
                 target = out[rows].view(m, -1, out.shape[-1])
                 target.baddbmm_(torch.bmm(xr.reshape(m, -1, xr.shape[-1]), stacks["down_t"]), stacks["up_t"])
                 continue
+            if group.form == "lr_conv" and self._pointwise_into(out, xr):
+                # 1x1 low-rank conv (SD1.5's proj_in/proj_out): channel matmuls on [m, rows, C, H*W]
+                # accumulated into the output, instead of a grouped conv, two transposed copies and an add.
+                n, c, o = xr.shape[0] // m, xr.shape[1], out.shape[1]
+                hw, r = xr.shape[2] * xr.shape[3], stacks["down"].shape[1]
+                h = torch.matmul(stacks["down"].reshape(m, 1, r, c), xr.reshape(m, n, c, hw)).reshape(m * n, r, hw)
+                up = stacks["up"].reshape(m, 1, o, r).expand(m, n, o, r).reshape(m * n, o, r)
+                out[rows].view(m * n, o, hw).baddbmm_(up, h)
+                continue
             self._add(out, rows, _group_delta(group, stacks, xr, m, self.geometry))
 
     def _fuse_into(self, out: torch.Tensor, xr: torch.Tensor) -> bool:
         return not self.conv and self.features == slice(None) and out.dtype == xr.dtype and out.is_contiguous()
+
+    def _pointwise_into(self, out: torch.Tensor, xr: torch.Tensor) -> bool:
+        g = self.geometry
+        return (self.conv and g is not None and g.kernel == (1, 1) and g.stride == (1, 1) and g.dilation == (1, 1)
+                and not isinstance(g.padding, str) and tuple(g.padding) == (0, 0) and self.features == slice(None)
+                and out.dtype == xr.dtype and out.is_contiguous() and xr.is_contiguous())
 
     def _add(self, out: torch.Tensor, rows: slice, delta: torch.Tensor) -> None:
         target = out[rows]

@@ -211,3 +211,16 @@ def test_adapter_on_several_row_blocks():
     with pytest.raises(RoutingError, match="overlap"), \
             routed({"m": module}, [{"m": a} for a in adapters], [[slice(0, 3), slice(5, 6)], slice(2, 4)]):
         pass
+
+
+def test_conv_1x1_equal_rows_run_as_one_pointwise_batch():
+    module = nn.Conv2d(6, 5, 1)
+    adapters = [lowrank(5, 6, 3, kernel=(1, 1)), lowrank(5, 6, 2), lowrank(5, 6, 4, kernel=(1, 1))]
+    check_rows(module, adapters, [slice(0, 2), slice(2, 4), slice(4, 6)], torch.randn(7, 6, 5, 3))
+    check_rows(module, adapters, [slice(2, 4), None, slice(0, 2)], torch.randn(4, 6, 5, 3))
+
+
+def test_delta_weight_stays_on_the_factors_device():
+    piece = lowrank(4, 3, 2)
+    assert delta_weight(piece, (4, 3)).device == piece.down.device
+    assert delta_weight([OutputSlice(piece, 2, 4)], (8, 3))[:2].abs().sum() == 0
