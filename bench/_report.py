@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -61,6 +62,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+CORE_FILES = ("fusion.py", "lora.py", "routing.py", "selection.py")
+
+
+def core_digest() -> str:
+    """Short hash of the core modules the suite measures, to tell results of different revisions apart."""
+    h = hashlib.sha256()
+    for name in CORE_FILES:
+        path = Path(__file__).resolve().parent.parent / "loratorio" / name
+        h.update(path.read_bytes() if path.exists() else b"")
+    return h.hexdigest()[:12]
+
+
 def machine_info(device: torch.device) -> dict:
     """What the numbers were measured on."""
     import diffusers
@@ -77,6 +90,7 @@ def machine_info(device: torch.device) -> dict:
         "device_name": cpu_model(),
         "loadavg_start": loadavg(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "core_digest": core_digest(),
     }
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
@@ -138,7 +152,7 @@ def table(result: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     m = result["machine"]
-    lines.append(f"\n{result['mode']} mode, {m['device_name']}, torch {m['torch']} ({m['torch_threads']} threads), "
+    lines.append(f"\n{result['mode']} mode, {m['device_name']}, torch {m['torch']} ({m['torch_threads']} thread(s)), "
                  f"{result['seconds']:.0f} s")
     return "\n".join(lines)
 
@@ -256,7 +270,9 @@ def notes(result: dict) -> list[str]:
         f"- **Step vs floor.** The step also runs the routing and `compose`; plain CFG alone "
         f"(2B rows) is 1/{r['step_vs_plain_cfg']['median']:.2f} of the step, i.e. the composed step costs "
         f"{r['step_vs_plain_cfg']['median']:.2f}x a plain CFG step for N=4 (the row count alone gives "
-        f"{(2 * result['setup']['n'] + 2) / 2:.0f}x).")
+        f"{(2 * result['setup']['n'] + 2) / 2:.0f}x). With the base rows folded into the routed call (one call of "
+        f"(2N+2)·B rows, base rows unrouted; not how the hosts call the extension today) the step is "
+        f"{r['step_one_call_vs_floor']['median']:.3f}x the floor.")
     p = d["pruning"]
     out.append(
         f"- **Pruning.** Branches evaluated per step with pruning: {p['branches_per_step'].get('pruned')}; UNet rows "
@@ -285,7 +301,7 @@ def notes(result: dict) -> list[str]:
     return out
 
 
-def _gpu_section(gpu: dict, images: Path) -> tuple[list[str], list[Path]]:
+def _gpu_section(gpu: dict, images: Path, cpu_digest: str) -> tuple[list[str], list[Path]]:
     m = gpu["machine"]
     lines = ["", "## GPU", "",
              f"Measured on **{m['device_name']}** (CUDA {m.get('cuda')}, torch {m['torch']}), {m['date']}, with "
@@ -299,6 +315,12 @@ def _gpu_section(gpu: dict, images: Path) -> tuple[list[str], list[Path]]:
         rows.append([TITLES[key], fmt(key, gpu[key]), fmt_bound(key, target["op"], target["bound"]),
                      "yes" if target["met"] else "**no**"])
     lines += _md_table(["metric (SD1.5, 512x512, N=4)", "measured", "target", "met"], rows)
+    digest = m.get("core_digest")
+    if digest != cpu_digest:
+        which = f"core revision {digest}" if digest else "a core revision this record does not name"
+        lines += ["", f"These GPU figures were measured with {which}; the CPU figures above with {cpu_digest} "
+                      f"(hash of `loratorio/{{fusion,lora,routing,selection}}.py`). Changes to the routing since then "
+                      f"are not reflected here until the GPU suite is run again."]
     labels = {"sd15": "SD1.5 UNet, 512x512 (64x64 latent), B=1", "sdxl": "SDXL UNet, 1024x1024 (128x128 latent), B=1"}
     for name, sweep in gpu["sweeps"].items():
         lines += ["", f"**{labels.get(name, name)}**, it/s (higher is better):", ""]
@@ -312,8 +334,8 @@ def _gpu_section(gpu: dict, images: Path) -> tuple[list[str], list[Path]]:
     if missed:
         lines += [f"- **Missed here: {', '.join(missed)}.** These targets assume that a call costs in proportion "
                   f"to its rows. At B=1 on this GPU it does not: an SD1.5 call costs {fixed:.1f} ms whatever its "
-                  f"rows and {per_row:.2f} ms per row, because the GPU finishes each kernel faster than Python and "
-                  f"the CPU issue the next one. What counts there is the number of calls and kernel launches: the "
+                  f"rows and {per_row:.2f} ms per row, because the GPU finishes each kernel sooner than Python on the "
+                  f"CPU can issue the next one. What counts there is the number of calls and kernel launches: the "
                   f"step's two calls against the floor's one, a hook per routed module, and the same two calls per "
                   f"step whether 2 or 8 branches run. The merge path, with N+1 calls and N merges, is still "
                   f"{gpu['speedup_vs_remerge']:.1f}x slower than the step."]
@@ -372,7 +394,8 @@ def write_docs(result: dict, docs: Path, *, gpu: dict | None = None, command: st
               f"The machine was shared with other work: the noisiest variant ({worst}) spread "
               f"{spreads[worst] * 100:.0f} % between its fastest and slowest repetition; the median spread was "
               f"{sorted(spreads.values())[len(spreads) // 2] * 100:.0f} %.",
-              f"- Whole run: {result['seconds'] / 60:.1f} min.", ""]
+              f"- Whole run: {result['seconds'] / 60:.1f} min; core revision {m['core_digest']} (hash of "
+              f"`loratorio/{{fusion,lora,routing,selection}}.py`).", ""]
 
     lines += ["## Setup", "",
               f"- Model: {_model_line(result)}.",
@@ -406,7 +429,7 @@ def write_docs(result: dict, docs: Path, *, gpu: dict | None = None, command: st
 
     paths = [plot]
     if gpu is not None:
-        gpu_lines, gpu_paths = _gpu_section(gpu, images)
+        gpu_lines, gpu_paths = _gpu_section(gpu, images, m["core_digest"])
         lines += gpu_lines
         paths += gpu_paths
     else:

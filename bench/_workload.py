@@ -98,6 +98,22 @@ class Workload:
         return compose(base_cond, lora_cond, base_uncond, lora_uncond, step=step, x=self.x,
                        recenter=recenter, top_k=top_k)
 
+    def step_one_call(self, active: list[int], *, recenter: float = 0.5, step: int = 5) -> Composition:
+        """The step with the base rows folded into the routed call: one UNet call of ``(2n+2)B`` rows.
+
+        Not what the extension does today (the host makes the base call itself); measured to
+        show what a host hook that hands its cond/uncond rows to the extension would save.
+        """
+        x, ctx, extra = self.inputs(len(active) + 1, True)
+        per = 2 * self.batch
+        rows: list[slice | None] = [None] * len(self.adapters)
+        for pos, j in enumerate(active):
+            rows[j] = slice((pos + 1) * per, (pos + 2) * per)
+        with self.router.route(rows):
+            out = self.model(x, ctx, extra)
+        out = out.reshape(len(active) + 1, 2, self.batch, *out.shape[1:])
+        return compose(out[0, 0], out[1:, 0], out[0, 1], out[1:, 1], step=step, x=self.x, recenter=recenter)
+
     def floor(self, n: int, with_uncond: bool = True) -> torch.Tensor:
         """The floor of a step with ``n`` branches: one plain call of all its rows."""
         if with_uncond:

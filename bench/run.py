@@ -174,6 +174,7 @@ def measure_main(model: _model.Model, pool: list[dict], mode: Mode, sync) -> dic
         "routed_branch_rows": lambda: work.branches(active, True),
         "floor": lambda: work.floor(N_MAIN, True),
         "step": lambda: work.step(active, recenter=RECENTER),
+        "step_one_call": lambda: work.step_one_call(active, recenter=RECENTER),
         "step_lambda0": lambda: work.step(active, recenter=0.0),
         "floor_lambda0": lambda: work.floor(N_MAIN, False),
         "remerge": lambda: work.remerge_step(active, recenter=RECENTER),
@@ -189,6 +190,7 @@ def measure_main(model: _model.Model, pool: list[dict], mode: Mode, sync) -> dic
             "speedup_vs_remerge": r(samples, "remerge", "step"),
             "lambda0_cost_ratio": r(samples, "step_lambda0", "step"),
             "step_vs_plain_cfg": r(samples, "step", "plain_cfg"),
+            "step_one_call_vs_floor": r(samples, "step_one_call", "floor"),
             "lambda0_step_vs_floor": r(samples, "step_lambda0", "floor_lambda0"),
         },
         "router_nbytes": nbytes,
@@ -396,9 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-results", type=Path, default=None,
                         help="JSON written by a --device cuda run, to include in docs/benchmarks.md")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md and the plot")
+    parser.add_argument("--from-result", type=Path, default=None,
+                        help="render table and docs from a JSON object written by --out; measures nothing")
     args = parser.parse_args(argv)
 
-    result = run(quick=args.quick, smoke=args.smoke, device=args.device, threads=args.threads)
+    if args.from_result:
+        result = json.loads(args.from_result.read_text())
+    else:
+        result = run(quick=args.quick, smoke=args.smoke, device=args.device, threads=args.threads)
     text = json.dumps(_report.jsonable(result), indent=1, sort_keys=False)
     if args.out:
         args.out.write_text(text + "\n")
@@ -406,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
     else:
         print(_report.table(result))
-    if not (args.no_docs or args.smoke or args.device != "cpu"):
+    if not (args.no_docs or result["mode"] in ("smoke", "gpu")):
         gpu = json.loads(args.gpu_results.read_text()) if args.gpu_results else None
         paths = _report.write_docs(result, ROOT / "docs", gpu=gpu)
         _log("wrote " + ", ".join(str(p.relative_to(ROOT)) for p in paths))

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from bench import _report
-from bench.run import KEYS, run
+from bench.run import KEYS, main, run
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +57,12 @@ def test_json_table_and_docs_are_produced(result, tmp_path):
     assert result["machine"]["cpu"] in page
     assert (tmp_path / "images" / "bench_step_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(paths) == 2
+
+
+def test_cli_renders_a_saved_result_as_one_json_object(result, tmp_path, capsys):
+    saved = tmp_path / "result.json"
+    saved.write_text(json.dumps(_report.jsonable(result)))
+    assert main(["--from-result", str(saved), "--json", "--no-docs"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {*KEYS} <= set(printed)
+    assert printed["pruning_cost_ratio"] == pytest.approx(result["pruning_cost_ratio"])
