@@ -49,15 +49,18 @@ class CompVisSampler(sd_samplers_common.Sampler):
         self.model_wrap_cfg = CFGDenoiserTimesteps(self)
         self.model_wrap = self.model_wrap_cfg.inner_model
 
+    def _extra(self, p, conditioning, unconditional_conditioning, image_conditioning) -> dict:
+        self.sampler_extra_args = {"cond": conditioning, "image_cond": image_conditioning,
+                                   "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale,
+                                   "s_min_uncond": self.s_min_uncond}
+        return self.sampler_extra_args
+
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
         timesteps = torch.linspace(999, 0, steps).round().long()
         self.initialize(p)
         self.last_latent = x
-        self.sampler_extra_args = {"cond": conditioning, "image_cond": image_conditioning,
-                                   "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale,
-                                   "s_min_uncond": self.s_min_uncond}
-        extra = self.sampler_extra_args
+        extra = self._extra(p, conditioning, unconditional_conditioning, image_conditioning)
         return self.launch_sampling(steps, lambda: ddim(self.model_wrap_cfg, x, timesteps, extra_args=extra,
                                                         callback=self.callback_state))
 
@@ -72,9 +75,6 @@ class CompVisSampler(sd_samplers_common.Sampler):
         self.initialize(p)
         self.model_wrap_cfg.init_latent = x
         self.last_latent = x
-        self.sampler_extra_args = {"cond": conditioning, "image_cond": image_conditioning,
-                                   "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale,
-                                   "s_min_uncond": self.s_min_uncond}
-        extra = self.sampler_extra_args
+        extra = self._extra(p, conditioning, unconditional_conditioning, image_conditioning)
         return self.launch_sampling(t_enc, lambda: ddim(self.model_wrap_cfg, xi, timesteps, extra_args=extra,
                                                         callback=self.callback_state))
