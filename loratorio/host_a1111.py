@@ -474,8 +474,10 @@ def after_extra_networks_activate(p, *args, extra_network_data=None, **kwargs) -
         return
     with _guarded(p, "keeping the built-in Lora off the composed LoRAs"):
         names = state.handled_names
-        loaded = _networks().loaded_networks
-        loaded[:] = [n for n in loaded if (getattr(n, "mentioned_name", None) or n.name) not in names]
+        nets = _networks()
+        nets.loaded_networks[:] = [n for n in nets.loaded_networks
+                                   if (getattr(n, "mentioned_name", None) or n.name) not in names]
+        hc.set_lora_hashes(p, state, nets, _shared().opts)
         if extra_network_data is not None:
             for key in ("lora", "lyco"):
                 entries = extra_network_data.get(key)

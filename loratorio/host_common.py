@@ -780,6 +780,47 @@ def usable(state: GenerationState | None) -> bool:
     return state is not None and state.refused is None and state.error is None
 
 
+def _hash_key(name: str) -> str:
+    """A LoRA's name as the built-in writes it in "Lora hashes" (no ``:`` or ``,``)."""
+    return name.replace(":", "").replace(",", "")
+
+
+def set_lora_hashes(p, state: GenerationState, nets, opts) -> None:
+    """Make "Lora hashes" list exactly the LoRAs that act in this generation, as the built-in writes them.
+
+    The built-in hashes every tag it could load, before the host adapter takes the
+    composed tags away. That list loses the tags LoRAtorio skipped (they act nowhere) and
+    gains the pool LoRAs plus any composed tag the built-in left out (Forge's built-in
+    stops at the first file it cannot load). ``nets`` is the host's LoRA module, with
+    ``available_network_aliases`` / ``available_networks`` entries that have
+    ``read_hash()`` and ``shorthash``.
+    """
+    if not getattr(opts, "lora_add_hashes_to_infotext", True):
+        return
+    hashes = dict(getattr(p, "lora_hashes", None) or {})
+    before = dict(hashes)
+    acting = {_hash_key(b.name) for b in state.branches}
+    for name in state.skipped:
+        key = _hash_key(name)
+        if key not in acting:
+            hashes.pop(key, None)
+    for branch in state.branches:
+        key = _hash_key(branch.name)
+        entry = nets.available_network_aliases.get(branch.name) or nets.available_networks.get(branch.name)
+        if key in hashes or entry is None:
+            continue
+        entry.read_hash()
+        if entry.shorthash:
+            hashes[key] = entry.shorthash
+    if hashes == before:
+        return
+    p.lora_hashes = hashes
+    if hashes:
+        p.extra_generation_params["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in hashes.items())
+    else:
+        p.extra_generation_params.pop("Lora hashes", None)
+
+
 def keep_image_for_map(p, pp, *script_args) -> None:
     """``postprocess_image``: remember each finished image the composition map is drawn over."""
     state = get_state(p)

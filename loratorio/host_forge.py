@@ -984,38 +984,10 @@ def after_extra_networks_activate(p, *args, extra_network_data=None, **kwargs) -
                 p.lora_hashes = hashes
             if info is not None:
                 p.extra_generation_params["Lora hashes"] = info
-            composed = {b.name for b in state.branches}
-            _add_hashes(p, [e.items[0] for e in entries if e.items and e.items[0] in composed])
+            hc.set_lora_hashes(p, state, ForgeBridge(p.sd_model).networks(), _shared().opts)
         entries[:] = keep
         if not keep:
             del extra_network_data["lora"]
-
-
-def _add_hashes(p, names: Sequence[str]) -> None:
-    """"Lora hashes" for the composed LoRAs of the prompt that the built-in did not hash.
-
-    The built-in's activation dies on the first tag it cannot load (an unknown name, a
-    corrupt file: ``networks.py:92-96, 119-121``) before it writes any hash, which would
-    drop the composed LoRAs from the infotext. Entries are written as the built-in writes
-    them (``extra_networks_lora.py:47-56``).
-    """
-    if not getattr(_shared().opts, "lora_add_hashes_to_infotext", True):
-        return
-    nets = ForgeBridge(p.sd_model).networks()
-    hashes = dict(getattr(p, "lora_hashes", None) or {})
-    added = False
-    for name in names:
-        key = name.replace(":", "").replace(",", "")
-        entry = nets.available_network_aliases.get(name) or nets.available_networks.get(name)
-        if key in hashes or entry is None:
-            continue
-        entry.read_hash()
-        if entry.shorthash:
-            hashes[key] = entry.shorthash
-            added = True
-    if added:
-        p.lora_hashes = hashes
-        p.extra_generation_params["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in hashes.items())
 
 
 def process_batch(p, *args, **kwargs) -> None:

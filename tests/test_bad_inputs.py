@@ -60,9 +60,17 @@ def assert_same_weights(before, after):
     assert not changed, changed[:5]
 
 
+def hashed_names(res: Result) -> list[str]:
+    """The names in the infotext's "Lora hashes" (the built-in's format: ``name: hash, ...``)."""
+    text = res.params.get("Lora hashes", "")
+    return [entry.rsplit(": ", 1)[0] for entry in text.split(", ")] if text else []
+
+
 def assert_skipped(res: Result, name: str, reason: str | None = None, starts: str | None = None):
     """``name`` was left out and the user is told why: infotext entry and UI comment."""
     assert name not in res.names
+    # "Lora hashes" lists the LoRAs that act: every composed one, never a skipped one
+    assert name not in hashed_names(res) and set(res.names) <= set(hashed_names(res)), res.params
     got = res.state.skipped[name]
     if reason is not None:
         assert got == reason
@@ -332,6 +340,7 @@ def test_pool_of_32_loras(host):
     res = host.run("a cat <lora:good>", {"pool": names, "top_k": 2, "probe_every": 2, "max_rows_per_call": 16,
                                          "composition_map": True})
     assert res.names == ["good", *names]
+    assert hashed_names(res) == ["good", *names]  # pool LoRAs act, so they are hashed like tagged ones
     weights, _ = res.state.maps[0]
     assert weights.shape[0] == 33
     torch.testing.assert_close(weights.sum(0), torch.ones_like(weights[0]), atol=1e-5, rtol=0)
