@@ -38,6 +38,7 @@ class Composer:
         self.policy = ProbePolicy(len(names), top_k=top_k, probe_every=probe_every)
         self.record_map = record_map
         self.dropped: Counter[str] = Counter()
+        self.base_nonfinite = 0  # calls whose base prediction itself was NaN/inf
         self.calls = 0
         self.branch_evaluations = 0
         self._map_sum: torch.Tensor | None = None
@@ -72,13 +73,18 @@ class Composer:
         use_uncond = base_uncond is not None and self.needs_uncond
         if use_uncond and lora_uncond is None:
             raise ValueError("lora_uncond is required when re-centring is on and base_uncond is given")
-        keep = [i for i in range(len(active)) if self._finite(lora_cond[i], lora_uncond[i] if use_uncond else None)]
-        for i in set(range(len(active))) - set(keep):
-            self.dropped[self.names[active[i]]] += 1
         self.calls += 1
         self.branch_evaluations += len(active)
         batch, _, height, width = base_cond.shape
         full = torch.zeros(len(self.names), batch, 1, height, width, device=base_cond.device)
+        if not self._finite(base_cond, base_uncond):
+            # The model diverged on its own (too high a CFG scale, a broken checkpoint):
+            # the branches are not to blame, and there is nothing sound to compose against.
+            self.base_nonfinite += 1
+            return Composition(cond=base_cond, uncond=base_uncond, weights=full)
+        keep = [i for i in range(len(active)) if self._finite(lora_cond[i], lora_uncond[i] if use_uncond else None)]
+        for i in set(range(len(active))) - set(keep):
+            self.dropped[self.names[active[i]]] += 1
         if not keep:
             # Nothing usable this step: the base prediction is the safe answer.
             return Composition(cond=base_cond, uncond=base_uncond, weights=full)

@@ -508,8 +508,6 @@ def postprocess_batch(p, *args, **kwargs) -> None:
     with _guarded(p, "recording the composition map"):
         state.record_map(state.extra.get("map_rows"))
         state.count_dropped()
-        if state.composer is not None:
-            state.composer.dropped.clear()
         p.extra_generation_params.update(state.infotext())
 
 
@@ -520,7 +518,7 @@ def postprocess(p, processed, *args) -> None:
     step = "writing the report"
     try:
         report = state.report()
-        if report and (state.skipped or state.partial or state.refused or state.dropped):
+        if report and (state.skipped or state.partial or state.refused or state.dropped or state.base_nonfinite):
             hc.comment(p, report)
         if state.maps and state.error is None:
             step = "adding the composition map"

@@ -582,6 +582,7 @@ class GenerationState:
         self.router = None
         self.maps: list[tuple[torch.Tensor, list[str]]] = []  # per image: (weights [N, H, W], names)
         self.dropped: dict[str, int] = {}
+        self.base_nonfinite = 0  # model calls whose own (base) prediction was NaN/inf
         self.extra: dict = {}  # host-specific per-generation data
 
     @classmethod
@@ -678,10 +679,22 @@ class GenerationState:
             self.maps.append((weights[:, b].detach().float().cpu(), list(self.names)))
 
     def count_dropped(self) -> None:
-        if self.composer is None:
+        """Move the composer's counts of non-finite steps (per LoRA, and of the base) into the state."""
+        composer = self.composer
+        if composer is None:
             return
-        for name, n in dict(getattr(self.composer, "dropped", {}) or {}).items():
+        for name, n in dict(getattr(composer, "dropped", {}) or {}).items():
             self.dropped[name] = self.dropped.get(name, 0) + int(n)
+        self.base_nonfinite += int(getattr(composer, "base_nonfinite", 0) or 0)
+        if hasattr(composer, "dropped"):
+            composer.dropped.clear()
+        composer.base_nonfinite = 0
+
+    def _base_note(self) -> list[str]:
+        if not self.base_nonfinite:
+            return []
+        return [f"the model's own prediction was not finite at {self.base_nonfinite} step(s), so nothing was "
+                "composed there; this happens without LoRAtorio too (lower the CFG scale or check the model)"]
 
     def infotext(self) -> dict[str, str]:
         """Infotext entries: the settings plus composed, skipped and dropped LoRAs and notes."""
@@ -694,7 +707,7 @@ class GenerationState:
             d[INFOTEXT_KEYS["skipped"]] = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
         if self.dropped:
             d[INFOTEXT_KEYS["dropped"]] = "; ".join(f"{k}: {v}" for k, v in self.dropped.items())
-        notes = self._partial_notes() + self.notes
+        notes = self._partial_notes() + self._base_note() + self.notes
         if self.error is not None:
             notes.append(f"stopped by an error: {self.error}")
         if notes:
@@ -711,6 +724,7 @@ class GenerationState:
         for name, n in self.dropped.items():
             parts.append(f"{name} gave non-finite output at {n} step(s), left out there")
         parts.extend(self._partial_notes())
+        parts.extend(self._base_note())
         parts.extend(self.notes)
         if self.error is not None:
             parts.append(f"stopped by an error: {self.error}")

@@ -1027,8 +1027,6 @@ def postprocess_batch(p, *args, **kwargs) -> None:
     with _guarded(p, "finishing a batch"):
         state.record_map()
         state.count_dropped()
-        if state.composer is not None:
-            state.composer.dropped.clear()
         _uncond_note(state)
         p.extra_generation_params.update(state.infotext())
 
@@ -1057,7 +1055,7 @@ def postprocess(p, processed, *args) -> None:
         _release_pass(p, state)
         step = "writing the report"
         report = state.report()
-        if report and (state.skipped or state.partial or state.refused or state.dropped):
+        if report and (state.skipped or state.partial or state.refused or state.dropped or state.base_nonfinite):
             hc.comment(p, report)
         if state.maps and state.error is None:
             step = "adding the composition map"

@@ -271,6 +271,28 @@ def test_lora_that_overflows_is_dropped_at_those_steps_and_reported(host):
     assert torch.isfinite(res.latents).all()
 
 
+def _unet(h) -> torch.nn.Module:
+    return h.model.model.diffusion_model if h.name == "a1111" else h.engine.forge_objects_original.unet.model
+
+
+def test_model_that_diverges_by_itself_is_not_blamed_on_the_loras(host):
+    convs = [m for m in _unet(host).modules() if isinstance(m, torch.nn.Conv2d) and m.bias is not None]
+    saved = [m.bias.detach().clone() for m in convs]
+    with torch.no_grad():
+        for m in convs:
+            m.bias.fill_(float("nan"))
+    try:
+        res = host.run("a cat <lora:good> <lora:good2>")
+    finally:
+        with torch.no_grad():
+            for m, b in zip(convs, saved):
+                m.bias.copy_(b)
+    assert res.names == ["good", "good2"]
+    assert INFOTEXT_KEYS["dropped"] not in res.params
+    assert "the model's own prediction was not finite at 2 step(s)" in res.params[NOTE], res.params
+    assert any("happens without LoRAtorio too" in c for c in res.comments), res.comments
+
+
 # -- multipliers and LoRA counts ------------------------------------------------------------------
 
 
@@ -544,6 +566,7 @@ def test_troubleshooting_table_lists_every_message():
     messages = [Reason.NOT_FOUND, Reason.DUPLICATE, Reason.ZERO, Reason.NO_MATCH, Reason.NON_FINITE,
                 Reason.MERGED_NOT_IN_PROMPT, "could not be loaded (", "does not fit this model (",
                 "not a LoRA file: none of its", "tag not understood: ", NO_LORA_NOTE, "gave non-finite output at",
+                "the model's own prediction was not finite at N step(s), so nothing was composed there",
                 "InstructPix2Pix-style edit models are not supported", "a refiner is set; LoRAtorio composes",
                 "must be between 0 and 1", "unknown LoRAtorio setting(s)", "takes at most 11 positional values",
                 "must be a whole number >= 1", "must be true or false", "must be a list of LoRA names",

@@ -103,3 +103,16 @@ def test_composer_subset_weights_scatter_to_all_branches():
     others = [i for i in range(4) if i not in active]
     assert (res.weights[others] == 0).all()
     torch.testing.assert_close(res.weights.sum(0), torch.ones_like(res.weights[0]))
+
+
+def test_composer_does_not_blame_branches_when_the_base_itself_is_not_finite():
+    base_c, lora_c, base_u, lora_u = branch_preds()
+    base_u[0, 0, 0, 0] = float("inf")
+    comp = Composer(["a", "b", "c"])
+    res = comp.fuse(step=3, active=[0, 1, 2], base_cond=base_c, lora_cond=lora_c, base_uncond=base_u,
+                    lora_uncond=lora_u)
+    assert res.cond is base_c and res.uncond is base_u
+    assert (res.weights == 0).all()
+    assert comp.base_nonfinite == 1 and not comp.dropped
+    res = comp.fuse(step=4, active=[0, 1, 2], base_cond=base_c, lora_cond=lora_c)  # no uncond: cond alone counts
+    assert res.cond is not base_c and comp.base_nonfinite == 1
