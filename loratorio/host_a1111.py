@@ -41,9 +41,8 @@ import torch
 from torch import nn
 
 from . import host_common as hc
-from .host_common import STATE_ATTR, GenerationState, get_state
+from .host_common import GenerationState, get_state
 from .lora import Dense, LowRank, OutputSlice, delta_weight
-from .settings import SettingsError
 
 __all__ = ["CACHE", "A1111Bridge", "convert_network"]
 
@@ -423,26 +422,11 @@ def _refusal(p) -> str | None:
 
 
 def process(p, *args) -> None:
-    setattr(p, STATE_ATTR, None)
     _current["p"] = None  # a new job: never follow an older one's state
-    shared = _shared()
-    try:
-        settings = hc.settings_for(p, args, shared.opts)
-    except SettingsError as exc:
-        _refuse_job(p, str(exc))
-        return
-    if not settings.enabled:
-        return
-    state = GenerationState(settings)
-    setattr(p, STATE_ATTR, state)
-    _current["p"] = weakref.ref(p)
-    with _guarded(p, "process"):
-        CACHE.set_limit(hc.cache_limit_mb(shared.opts))
-        reason = _refusal(p)
-        if reason:
-            state.refuse(reason)
-            hc.comment(p, f"LoRAtorio: {reason}; generating without it")
-        p.extra_generation_params.update(state.infotext())
+    state = hc.start_generation(p, args, _shared().opts, CACHE, refuse_job=_refuse_job, guarded=_guarded,
+                                refusal=_refusal)
+    if state is not None:
+        _current["p"] = weakref.ref(p)
 
 
 def before_process_batch(p, *args, prompts=None, **kwargs) -> None:

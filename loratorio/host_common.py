@@ -835,6 +835,35 @@ def set_lora_hashes(p, state: GenerationState, nets, opts) -> None:
         p.extra_generation_params.pop("Lora hashes", None)
 
 
+def start_generation(p, args: Sequence, opts, cache: AdapterCache, *, refuse_job: Callable[[object, str], None],
+                     guarded: Callable, refusal: Callable[[object], str | None]) -> GenerationState | None:
+    """The ``process`` hook of both hosts: read the settings and put a fresh state on ``p``.
+
+    Settings that do not validate refuse the whole job through the host's ``refuse_job``.
+    A job LoRAtorio cannot serve (``refusal`` gives the reason) goes on without it, with a
+    note. Errors inside are handled by the host's ``guarded(p, where)`` context manager.
+    Returns the state, or None when LoRAtorio is off or the job was refused.
+    """
+    setattr(p, STATE_ATTR, None)
+    try:
+        settings = settings_for(p, args, opts)
+    except SettingsError as exc:
+        refuse_job(p, str(exc))
+        return None
+    if not settings.enabled:
+        return None
+    state = GenerationState(settings)
+    setattr(p, STATE_ATTR, state)
+    with guarded(p, "process"):
+        cache.set_limit(cache_limit_mb(opts))
+        reason = refusal(p)
+        if reason:
+            state.refuse(reason)
+            comment(p, f"LoRAtorio: {reason}; generating without it")
+        p.extra_generation_params.update(state.infotext())
+    return state
+
+
 def keep_image_for_map(p, pp, *script_args) -> None:
     """``postprocess_image``: remember each finished image the composition map is drawn over."""
     state = get_state(p)

@@ -902,26 +902,7 @@ def _refusal(p) -> str | None:
 
 
 def process(p, *args) -> None:
-    from .settings import SettingsError
-
-    setattr(p, hc.STATE_ATTR, None)
-    shared = _shared()
-    try:
-        settings = hc.settings_for(p, args, shared.opts)
-    except SettingsError as exc:
-        _refuse_job(p, str(exc))
-        return
-    if not settings.enabled:
-        return
-    state = GenerationState(settings)
-    setattr(p, hc.STATE_ATTR, state)
-    with _guarded(p, "process"):
-        CACHE.set_limit(hc.cache_limit_mb(shared.opts))
-        reason = _refusal(p)
-        if reason:
-            state.refuse(reason)
-            hc.comment(p, f"LoRAtorio: {reason}; generating without it")
-        p.extra_generation_params.update(state.infotext())
+    hc.start_generation(p, args, _shared().opts, CACHE, refuse_job=_refuse_job, guarded=_guarded, refusal=_refusal)
 
 
 def before_process_batch(p, *args, prompts=None, **kwargs) -> None:
