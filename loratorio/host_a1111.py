@@ -372,30 +372,9 @@ def _hires_conds(p, state, bridge) -> _PassConds:
 
 
 
-def _refuse_job(p, message: str) -> None:
-    """Invalid settings: no image is made; the reason goes to the console, comments and info."""
-    text = hc.refusal_text(message)
-    print(text)
-    hc.comment(p, text)
-    p.extra_generation_params[hc.INFOTEXT_KEYS["note"]] = f"refused: {message}"
-    _shared().state.interrupt()
-
-
 def _fail(p, state: GenerationState | None, exc: BaseException, where: str) -> None:
     """An error inside our hooks: stop the generation cleanly and say why."""
-    text = f"LoRAtorio stopped the generation ({where}): {type(exc).__name__}: {exc}"
-    try:
-        from modules import errors
-
-        errors.report(text, exc_info=True)
-    except Exception:
-        log.exception(text)
-    if state is not None:
-        state.error = exc
-        state.close()
-        p.extra_generation_params.update(state.infotext())
-    hc.comment(p, text)
-    _shared().state.interrupt()
+    hc.stop_generation(p, state, exc, where)
 
 
 @contextlib.contextmanager
@@ -410,8 +389,7 @@ def _refusal(p) -> str | None:
     shared = _shared()
     model = shared.sd_model
     if getattr(p, "refiner_checkpoint_info", None) is not None:
-        return ("a refiner is set; LoRAtorio composes branches of one model and cannot follow a checkpoint switch "
-                "during sampling. Turn the refiner off to use LoRAtorio")
+        return hc.Reason.REFINER
     if getattr(model, "cond_stage_key", None) == "edit":
         return "InstructPix2Pix-style edit models are not supported"
     if getattr(getattr(model, "model", None), "conditioning_key", None) == "crossattn-adm":
@@ -423,8 +401,7 @@ def _refusal(p) -> str | None:
 
 def process(p, *args) -> None:
     _current["p"] = None  # a new job: never follow an older one's state
-    state = hc.start_generation(p, args, _shared().opts, CACHE, refuse_job=_refuse_job, guarded=_guarded,
-                                refusal=_refusal)
+    state = hc.start_generation(p, args, _shared().opts, CACHE, guarded=_guarded, refusal=_refusal)
     if state is not None:
         _current["p"] = weakref.ref(p)
 

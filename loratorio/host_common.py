@@ -90,7 +90,10 @@ class LoraLoadError(RuntimeError):
 
 
 class Reason:
-    """User-facing reasons a LoRA is not composed (used in the UI report and the infotext)."""
+    """User-facing reasons a LoRA (or, for ``REFINER``, the whole generation) is not composed.
+
+    Used in the UI report and the infotext.
+    """
 
     NOT_FOUND = "not found in the LoRA folders (check the name, or refresh the LoRA list)"
     DUPLICATE = "named twice; only the first tag is used"
@@ -99,6 +102,8 @@ class Reason:
     NO_MATCH = "matches no layer of this model (a LoRA for another model type?)"
     NON_FINITE = "contains NaN or infinite values"
     MERGED_NOT_IN_PROMPT = "is in 'merge into base' but not in the prompt; add its tag to apply it"
+    REFINER = ("a refiner is set; LoRAtorio composes branches of one model and cannot follow a checkpoint switch "
+               "during sampling. Turn the refiner off to use LoRAtorio")
 
     @staticmethod
     def not_a_lora(n_tensors: int) -> str:
@@ -746,6 +751,52 @@ def refusal_text(message: str) -> str:
     return message if message.startswith("LoRAtorio") else f"LoRAtorio: {message}"
 
 
+def _report_error(text: str) -> None:
+    """``text`` with the current exception's traceback in the WebUI's error log (the console without it)."""
+    try:
+        from modules import errors
+
+        errors.report(text, exc_info=True)
+    except Exception:
+        print(text)
+
+
+def _interrupt_job() -> None:
+    """Stop the WebUI job: a script hook's exception does not stop a generation by itself,
+    so the sampler is told to stop at its next model call."""
+    from modules import shared
+
+    shared.state.interrupt()
+
+
+def refuse_job(p, message: str) -> None:
+    """Invalid settings: no image is made; the reason goes to the console, the comments and the infotext."""
+    text = refusal_text(message)
+    print(text)
+    comment(p, text)
+    p.extra_generation_params[INFOTEXT_KEYS["note"]] = f"refused: {message}"
+    _interrupt_job()
+
+
+def stop_generation(p, state: GenerationState | None, exc: BaseException, where: str,
+                    release: Callable[[object, GenerationState], None] | None = None) -> None:
+    """An error inside a host adapter's hooks: stop the generation cleanly and say why.
+
+    Routing is already off (every router leaves on exit). ``release`` undoes what the host
+    attached for the current sampling pass before the state is closed.
+    """
+    text = f"LoRAtorio stopped the generation ({where}): {type(exc).__name__}: {exc}"
+    _report_error(text)
+    if state is not None:
+        state.error = exc
+        if release is not None:
+            release(p, state)
+        p.extra_generation_params.update(state.infotext())
+        state.close()
+    comment(p, text)
+    _interrupt_job()
+
+
 def report_after_images(p, processed, exc: BaseException, step: str, comment: Callable[[object, str], None]) -> str:
     """Report an error of the last hook (``postprocess``), when the images are already made.
 
@@ -755,12 +806,7 @@ def report_after_images(p, processed, exc: BaseException, step: str, comment: Ca
     reads of ``p.extra_generation_params``. Returns the message.
     """
     text = f"LoRAtorio: {step} failed after the images were made: {type(exc).__name__}: {exc}"
-    try:
-        from modules import errors
-
-        errors.report(text, exc_info=True)
-    except Exception:
-        print(text)
+    _report_error(text)
     comment(p, text)
     if isinstance(getattr(processed, "comments", None), str):
         processed.comments = (processed.comments + "\n" + text) if processed.comments else text
@@ -835,11 +881,11 @@ def set_lora_hashes(p, state: GenerationState, nets, opts) -> None:
         p.extra_generation_params.pop("Lora hashes", None)
 
 
-def start_generation(p, args: Sequence, opts, cache: AdapterCache, *, refuse_job: Callable[[object, str], None],
-                     guarded: Callable, refusal: Callable[[object], str | None]) -> GenerationState | None:
+def start_generation(p, args: Sequence, opts, cache: AdapterCache, *, guarded: Callable,
+                     refusal: Callable[[object], str | None]) -> GenerationState | None:
     """The ``process`` hook of both hosts: read the settings and put a fresh state on ``p``.
 
-    Settings that do not validate refuse the whole job through the host's ``refuse_job``.
+    Settings that do not validate refuse the whole job (:func:`refuse_job`).
     A job LoRAtorio cannot serve (``refusal`` gives the reason) goes on without it, with a
     note. Errors inside are handled by the host's ``guarded(p, where)`` context manager.
     Returns the state, or None when LoRAtorio is off or the job was refused.

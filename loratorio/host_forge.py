@@ -850,38 +850,9 @@ def _note(state: GenerationState, text: str) -> None:
 
 
 
-def _refuse_job(p, message: str) -> None:
-    """Invalid settings: no image is made; the reason goes to the console, the comments and the infotext."""
-    from .host_common import refusal_text
-    from .settings import INFOTEXT_KEYS
-
-    text = refusal_text(message)
-    print(text)
-    hc.comment(p, text)
-    p.extra_generation_params[INFOTEXT_KEYS["note"]] = f"refused: {message}"
-    _shared().state.interrupt()
-
-
 def _fail(p, state: GenerationState | None, exc: BaseException, where: str) -> None:
-    """An error inside our hooks: routing is already off; stop the generation cleanly and say why.
-
-    A script hook's exception does not stop a WebUI generation by itself, so the job is
-    interrupted: the sampler stops at its next model call.
-    """
-    text = f"LoRAtorio stopped the generation ({where}): {type(exc).__name__}: {exc}"
-    try:
-        from modules import errors
-
-        errors.report(text, exc_info=True)
-    except Exception:
-        print(text)
-    if state is not None:
-        state.error = exc
-        _release_pass(p, state)
-        p.extra_generation_params.update(state.infotext())
-        state.close()
-    hc.comment(p, text)
-    _shared().state.interrupt()
+    """An error inside our hooks: stop the generation cleanly and say why."""
+    hc.stop_generation(p, state, exc, where, release=_release_pass)
 
 
 @contextlib.contextmanager
@@ -894,15 +865,14 @@ def _guarded(p, where: str):
 
 def _refusal(p) -> str | None:
     if getattr(p, "refiner_checkpoint_info", None) is not None:
-        return ("a refiner is set; LoRAtorio composes branches of one model and cannot follow a checkpoint switch "
-                "during sampling. Turn the refiner off to use LoRAtorio")
+        return hc.Reason.REFINER
     if not is_forge(getattr(p, "sd_model", None) or _shared().sd_model):
         return "the loaded model is not a Forge model"
     return None
 
 
 def process(p, *args) -> None:
-    hc.start_generation(p, args, _shared().opts, CACHE, refuse_job=_refuse_job, guarded=_guarded, refusal=_refusal)
+    hc.start_generation(p, args, _shared().opts, CACHE, guarded=_guarded, refusal=_refusal)
 
 
 def before_process_batch(p, *args, prompts=None, **kwargs) -> None:
