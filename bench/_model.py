@@ -54,6 +54,18 @@ TINY_UNET = {
     "cross_attention_dim": 64,
 }
 
+# SD1.5's whole layout (4 levels, 2 layers per block, 16 transformer blocks: the same 192
+# LoRA targets) at 32 channels on every level and a 32-wide text context: each module's
+# arithmetic, and its adapters', is so small that the fixed cost per module (hook,
+# bookkeeping, launches) dominates. (With SD1.5's 768-wide context the rank-16 adapters
+# of the 32 cross-attention key/value projections alone would be most of the routed
+# call's extra time.)
+SD15_NARROW = {
+    **SD15_UNET,
+    "block_out_channels": (32, 32, 32, 32),
+    "cross_attention_dim": 32,
+}
+
 # Stable Diffusion XL base 1.0's UNet, as published in its unet/config.json.
 SDXL_UNET = {
     "sample_size": 128,
@@ -81,6 +93,7 @@ MODELS = {
     "sd15": SD15_UNET,
     "sd15-2level": SD15_TWO_LEVELS,
     "tiny": TINY_UNET,
+    "sd15-narrow": SD15_NARROW,
     "sdxl": SDXL_UNET,
 }
 

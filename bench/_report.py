@@ -25,6 +25,9 @@ TITLES = {
     "lambda0_cost_ratio": "lambda = 0 cost ratio",
     "adapter_memory_ratio": "Adapter memory ratio",
     "fusion_fraction": "Fusion share of a step",
+    "model_calls_per_step": "Model calls per step",
+    "hook_us_per_module": "Routing cost per module",
+    "default_vs_paper_step": "Default method vs paper step",
 }
 
 DEFINITIONS = {
@@ -32,8 +35,8 @@ DEFINITIONS = {
                         "with no adapters",
     "routing_max_rel_error": "max |routed − merged| / max |merged| over each LoRA's rows, merged = that LoRA "
                              "merged into the weights (float32)",
-    "step_vs_floor": "full step (base call of 2B rows + routed call of 2N·B rows + compose), N=4, λ=0.5 / one "
-                     "plain call of the same (2N+2)·B rows",
+    "step_vs_floor": "full step (one routed call of (2N+2)·B rows: the base rows and every branch's, then "
+                     "compose), N=4, λ=0.5 / one plain call of the same rows",
     "speedup_vs_remerge": "merge path (per branch: restore weights, merge that LoRA, call its 2B rows; N+1 "
                           "calls) / our step, N=4",
     "pruning_cost_ratio": "20-step pass, pool 8, top-k 2 probed every 5 steps / the same pass with all 8 "
@@ -42,6 +45,14 @@ DEFINITIONS = {
     "adapter_memory_ratio": "bytes the router holds for N=4 rank-16 adapter sets / bytes of their factors as "
                             "loaded",
     "fusion_fraction": "compose alone at a 128x128 latent, N=4, B=2 / one step at that size (see below)",
+    "model_calls_per_step": "UNet calls of one composed denoiser evaluation (N=4, λ=0.5, B=2), counted through "
+                            "the fake A1111's and the fake Forge's model; the larger of the two",
+    "hook_us_per_module": "(routed call − plain call of the same 2N+2 rows) / routed modules, µs (CPU: the "
+                          "measuring thread's CPU time); narrow SD1.5-layout UNet (32 channels, 32-wide text "
+                          "context), 8x8 latent, B=1, N=4",
+    "default_vs_paper_step": "the step with the shipped settings (method and λ of `Settings()`) / the same step "
+                             "with the paper's method (λ=0.5), N=4: both run 2N+2 evaluations, only the fusion "
+                             "differs",
 }
 
 
@@ -120,6 +131,10 @@ def fmt(key: str, value: float) -> str:
         return f"{value:.1e}"
     if key == "fusion_fraction":
         return f"{value * 100:.2g} %"
+    if key == "model_calls_per_step":
+        return f"{value:g}"
+    if key == "hook_us_per_module":
+        return f"{value:.1f} µs"
     return f"{value:.3f}"
 
 
@@ -130,11 +145,17 @@ def fmt_bound(key: str, op: str, bound: float) -> str:
         return f"{op} {bound * 100:g} %"
     if op == "~":
         return f"about {bound:.2f} (≤ {bound * 1.1:.2f})"
+    if key == "hook_us_per_module":
+        return f"{op} {bound:g} µs"
     return f"{op} {bound:g}"
 
 
 def _range(result: dict, key: str) -> str:
     detail = result["detail"]
+    if key == "hook_us_per_module" and "hook_cost" in detail:
+        return f"{detail['hook_cost']['min']:.1f}–{detail['hook_cost']['max']:.1f} µs"
+    if key == "model_calls_per_step" and "model_calls" in detail:
+        return ", ".join(f"{host}: {calls:g}" for host, calls in detail["model_calls"].items())
     summary = detail["ratios"].get(key) or (detail["pruning"]["ratio"] if key == "pruning_cost_ratio" else None)
     if summary is None:
         return ""
@@ -234,8 +255,12 @@ def call_cost(sweep: dict) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
-def _call_cost_note(sweep: dict, label: str) -> str:
+def _call_cost_note(sweep: dict, label: str, calls_per_step: float = 1.0) -> str:
     fixed, per_row = call_cost(sweep)
+    calls = ("The step makes one call, as the floor does, so the fixed part is paid once; pruning and λ = 0 "
+             "remove rows." if calls_per_step == 1 else
+             "The step makes two calls (the host's base call and the routed branch call) where the floor makes "
+             "one, and pruning and λ = 0 remove rows, not calls.")
     if fixed <= 0:
         return (f"- **Per-call cost ({label}).** The sweep's plain calls give no positive fixed part here "
                 f"({fixed:.1f} ms + {per_row:.2f} ms per row, least-squares): the cost of a call follows its rows, "
@@ -243,8 +268,7 @@ def _call_cost_note(sweep: dict, label: str) -> str:
     share = fixed / (fixed + per_row * 2 * sweep["batch"])
     return (f"- **Per-call cost ({label}).** A plain UNet call costs about {fixed:.1f} ms whatever its rows plus "
             f"{per_row:.2f} ms per row (least-squares fit over the sweep's plain calls): {share * 100:.0f} % of a "
-            f"plain CFG call is the fixed part. The step makes two calls (the host's base call and the routed branch "
-            f"call) where the floor makes one, and pruning and λ = 0 remove rows, not calls.")
+            f"plain CFG call is the fixed part. {calls}")
 
 
 def notes(result: dict) -> list[str]:
@@ -270,19 +294,46 @@ def notes(result: dict) -> list[str]:
         f"- **Step vs floor.** The step also runs the routing and `compose`; plain CFG alone "
         f"(2B rows) is 1/{r['step_vs_plain_cfg']['median']:.2f} of the step, i.e. the composed step costs "
         f"{r['step_vs_plain_cfg']['median']:.2f}x a plain CFG step for N=4 (the row count alone gives "
-        f"{(2 * result['setup']['n'] + 2) / 2:.0f}x). With the base rows folded into the routed call (one call of "
-        f"(2N+2)·B rows, base rows unrouted; not how the hosts call the extension today) the step is "
-        f"{r['step_one_call_vs_floor']['median']:.3f}x the floor.")
+        f"{(2 * result['setup']['n'] + 2) / 2:.0f}x). The step is one routed call: the branch rows ride in the "
+        f"host's own model call. Where a host feature keeps them apart (A1111 with batch_cond_uncond off or "
+        f"prompts of unequal token lengths, Forge with a ControlNet, another model-function wrapper or an AND "
+        f"prompt, or a max-rows limit below the step's rows), the base call and a routed branch call cost "
+        f"{r['step_two_calls_vs_floor']['median']:.3f}x the floor.")
     p = d["pruning"]
     out.append(
         f"- **Pruning.** Branches evaluated per step with pruning: {p['branches_per_step'].get('pruned')}; UNet rows "
         f"with pruning / without: {p['evaluation_ratio']:.3f}. The measured time ratio is that plus the per-call "
-        f"costs that do not shrink with the rows (two UNet calls and one compose per step either way).")
+        f"costs that do not shrink with the rows (one UNet call and one compose per step either way).")
     n = result["setup"]["n"]
     out.append(
         f"- **λ = 0.** Rows per step go from 2N+2 to N+2 ({(n + 2) / (2 * n + 2):.2f} of them); "
         f"the λ=0 step against its own floor (one plain call of (N+2)·B rows): "
         f"{r['lambda0_step_vs_floor']['median']:.3f}.")
+    calls = d.get("model_calls")
+    if calls:
+        out.append(
+            f"- **Model calls per step.** A whole generation (N=4, λ=0.5, B=2, 3 steps) through the real script "
+            f"and host modules on the fakes of both WebUIs (`tests/fake_a1111`, `tests/fake_forge`, which follow the "
+            f"hosts' call protocol): UNet calls per denoiser evaluation "
+            f"{', '.join(f'{h}: {c:g}' for h, c in calls.items())}. The base cond/uncond rows and every branch row "
+            f"go through the host's own call (A1111: the CFG denoiser's batch; Forge: `calc_cond_uncond_batch`).")
+    hook = d.get("hook_cost")
+    if hook:
+        base = hook.get("baseline")
+        before = (f" The routing of revision {base['revision']} (every module planning its work at every call, "
+                  f"one to three kernels per module), measured in the same repetitions: "
+                  f"{base['hook_us_per_module']:.1f} µs per module (range {base['min']:.1f}–{base['max']:.1f})."
+                  if base else "")
+        share = hook.get("adapter_flop_share")
+        flops = (f" The adapters' arithmetic is {share * 100:.1f} % of the plain call's FLOPs, so nearly all of "
+                 f"it is per-module fixed cost." if share is not None else "")
+        out.append(
+            f"- **Routing cost per module.** A routed call of {hook['rows']} rows on the narrow SD1.5-layout UNet "
+            f"({hook['modules']} routed modules) takes {hook['routed_ms']:.1f} ms against {hook['plain_ms']:.1f} ms "
+            f"plain ({hook.get('clock', 'wall time')}): {result['hook_us_per_module']:.1f} µs per module. That is "
+            f"the hook, the adapters' matmuls (one per module where the factors' product is the cheaper form, as in "
+            f"most of this narrow model; two otherwise) and the row views; each module's plan is made once per row "
+            f"layout.{flops}{before}")
     mem = d["memory"]
     out.append(
         f"- **Memory.** The router holds {mem['router_nbytes'] / 2**20:.1f} MiB for factors of "
@@ -291,7 +342,8 @@ def notes(result: dict) -> list[str]:
     name = result["setup"]["model"]
     if name in result["sweeps"]:
         sweep = result["sweeps"][name]
-        out.append(_call_cost_note(sweep, f"{name} at {sweep['latent']}x{sweep['latent']}"))
+        out.append(_call_cost_note(sweep, f"{name} at {sweep['latent']}x{sweep['latent']}",
+                                   result.get("model_calls_per_step", 2.0)))
     f = d["fusion"]
     out.append(
         f"- **Fusion.** `compose` (N=4, B=2, 128x128, λ=0.5, denoised form) takes {result['fusion_ms']:.1f} ms "
@@ -344,7 +396,8 @@ def _gpu_section(gpu: dict, images: Path, cpu_digest: str) -> tuple[list[str], l
               f"- Routing adds {routed_extra:.1f} ms to a {variants['plain_branch_rows']['median_ms']:.1f} ms call "
               f"of {2 * gpu['setup']['n']} rows: at B=1 the time of a call is set by how fast the CPU issues its "
               f"kernels, and every routed module adds a Python hook and a few small kernels.",
-              *(_call_cost_note(sweep, labels.get(name, name)) for name, sweep in gpu["sweeps"].items()),
+              *(_call_cost_note(sweep, labels.get(name, name), gpu.get("model_calls_per_step", 2.0))
+                for name, sweep in gpu["sweeps"].items()),
               "", "![GPU step cost against N](images/bench_step_cost_gpu.png)"]
     plot = plot_sweep(gpu["sweeps"], images / "bench_step_cost_gpu.png", f"Step cost on {m['device_name']} (bf16)",
                       labels)

@@ -58,12 +58,15 @@ class Ratio:
 
 
 def interleaved(variants: dict[str, Callable[[], object]], *, reps: int, warmup: int = 1,
-                sync: Callable[[], None] = lambda: None) -> dict[str, Samples]:
+                sync: Callable[[], None] = lambda: None,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, Samples]:
     """Time every variant ``reps`` times, the variants alternating within each repetition.
 
     ``warmup`` rounds of every variant run first and are not recorded (allocator, caches,
     first-call setup such as device copies of adapter weights). The order of the variants
-    rotates from one repetition to the next so none always runs first or last.
+    rotates from one repetition to the next so none always runs first or last. ``clock``:
+    wall time by default; ``time.thread_time`` counts only the CPU time of the measuring
+    thread (single-threaded CPU work on a machine shared with other processes).
     """
     names = list(variants)
     for _ in range(warmup):
@@ -75,10 +78,10 @@ def interleaved(variants: dict[str, Callable[[], object]], *, reps: int, warmup:
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
             sync()
-            start = time.perf_counter()
+            start = clock()
             variants[name]()
             sync()
-            samples[name].seconds.append(time.perf_counter() - start)
+            samples[name].seconds.append(clock() - start)
     return samples
 
 

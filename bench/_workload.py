@@ -3,10 +3,13 @@
 Every variant computes the same LoRAtorio step for a batch of ``B`` images with ``N``
 LoRAs and differs only in how the UNet evaluations are arranged:
 
-- ``step``: what the extension does. The host's own call evaluates the base model's
-  cond + uncond rows (``2B``); one routed call evaluates every LoRA branch (``2NB`` rows,
-  branch ``j``'s cond and uncond rows routed to LoRA ``j``); then ``compose`` (method
-  steps 1-8).
+- ``step``: what the extension does. One routed call evaluates the base model's cond +
+  uncond rows (``2B``, unrouted) and every LoRA branch (``2NB`` rows, branch ``j``'s cond
+  and uncond rows routed to LoRA ``j``): the branch rows ride in the host's own model
+  call; then ``compose`` (method steps 1-8).
+- ``step_two_calls``: the same with the base rows in a call of their own (the host's) and
+  the branch rows in a second, routed call: what the extension does where a host feature
+  keeps the branches apart (see the README's compatibility notes).
 - ``floor``: one plain call of the same total rows with no adapters (no routing, no
   fusion): the cost of ``2N + 2`` evaluations, below which the exact method cannot go.
 - ``remerge``: what a WebUI merge path would have to do: for the base and for each
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from loratorio.fusion import Composition, compose
+from loratorio.fusion import Composition, compose, method_options
 from loratorio.lora import delta_weight, pieces, total_nbytes
 from loratorio.routing import Router
 from loratorio.selection import ProbePolicy
@@ -91,28 +94,42 @@ class Workload:
         out = out.reshape(len(active), 2 if with_uncond else 1, self.batch, *out.shape[1:])
         return out[:, 0], (out[:, 1] if with_uncond else None)
 
-    def step(self, active: list[int], *, recenter: float = 0.5, step: int = 5, top_k: int = 0) -> Composition:
-        """One full LoRAtorio step as the extension runs it (base call, routed branch call, compose)."""
+    def step(self, active: list[int], *, recenter: float = 0.5, step: int = 5, top_k: int = 0,
+             method: str = "paper") -> Composition:
+        """One full LoRAtorio step as the extension runs it: one routed call of every row, then compose
+        with the named ``method``'s options.
+
+        The call holds the base cond + uncond rows (unrouted) and each active branch's cond
+        rows (and uncond rows when ``recenter > 0``) routed to its LoRA: ``(2n+2)B`` rows,
+        ``(n+2)B`` at ``recenter = 0``.
+        """
+        with_uncond = recenter > 0
+        x, ctx, extra = self.one_call_inputs(len(active), with_uncond)
+        per = (2 if with_uncond else 1) * self.batch
+        base = 2 * self.batch
+        rows: list[slice | None] = [None] * len(self.adapters)
+        for pos, j in enumerate(active):
+            rows[j] = slice(base + pos * per, base + (pos + 1) * per)
+        with self.router.route(rows):
+            out = self.model(x, ctx, extra)
+        base_cond, base_uncond = out[: self.batch], out[self.batch:base]
+        branch = out[base:].reshape(len(active), 2 if with_uncond else 1, self.batch, *out.shape[1:])
+        return compose(base_cond, branch[:, 0], base_uncond, branch[:, 1] if with_uncond else None, step=step,
+                       x=self.x, recenter=recenter, top_k=top_k, **method_options(method))
+
+    def step_two_calls(self, active: list[int], *, recenter: float = 0.5, step: int = 5, top_k: int = 0
+                       ) -> Composition:
+        """The step with the base rows in the host's own call and the branch rows in a second, routed call."""
         base_cond, base_uncond = self.base()
         lora_cond, lora_uncond = self.branches(active, with_uncond=recenter > 0)
         return compose(base_cond, lora_cond, base_uncond, lora_uncond, step=step, x=self.x,
                        recenter=recenter, top_k=top_k)
 
-    def step_one_call(self, active: list[int], *, recenter: float = 0.5, step: int = 5) -> Composition:
-        """The step with the base rows folded into the routed call: one UNet call of ``(2n+2)B`` rows.
-
-        Not what the extension does today (the host makes the base call itself); measured to
-        show what a host hook that hands its cond/uncond rows to the extension would save.
-        """
-        x, ctx, extra = self.inputs(len(active) + 1, True)
-        per = 2 * self.batch
-        rows: list[slice | None] = [None] * len(self.adapters)
-        for pos, j in enumerate(active):
-            rows[j] = slice((pos + 1) * per, (pos + 2) * per)
-        with self.router.route(rows):
-            out = self.model(x, ctx, extra)
-        out = out.reshape(len(active) + 1, 2, self.batch, *out.shape[1:])
-        return compose(out[0, 0], out[1:, 0], out[0, 1], out[1:, 1], step=step, x=self.x, recenter=recenter)
+    def one_call_inputs(self, n: int, with_uncond: bool) -> tuple:
+        """Inputs of the one-call step: the base cond + uncond rows, then ``n`` branch blocks."""
+        if with_uncond:
+            return self.inputs(n + 1, True)
+        return self._floor_inputs_no_uncond(n)
 
     def floor(self, n: int, with_uncond: bool = True) -> torch.Tensor:
         """The floor of a step with ``n`` branches: one plain call of all its rows."""
@@ -121,6 +138,9 @@ class Workload:
         return self._floor_no_uncond(n)
 
     def _floor_no_uncond(self, n: int) -> torch.Tensor:
+        return self.model(*self._floor_inputs_no_uncond(n))
+
+    def _floor_inputs_no_uncond(self, n: int) -> tuple:
         # base cond + uncond and n cond-only branches: n + 2 row blocks of B rows.
         key = ("floor0", n)
         if key not in self._inputs:
@@ -128,7 +148,7 @@ class Workload:
             bx, bctx, _ = self.inputs(n, False)
             rows = x.shape[0] + bx.shape[0]
             self._inputs[key] = (torch.cat([x, bx]), torch.cat([ctx, bctx]), self.model.extra(rows))
-        return self.model(*self._inputs[key])
+        return self._inputs[key]
 
     # -- the WebUI merge path ------------------------------------------------------------------
     def restore(self) -> None:

@@ -18,13 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.quality_world import NUM_CLASSES, random_labels, render_batch
+from bench.quality_world import HEAD_CLASSES, random_labels, render_batch
 
 FEATURES = 32
 
 
 class Judge(nn.Module):
-    """Images ``[B, 3, 16, 16]`` in [0, 1] -> one logit vector per category (and features)."""
+    """Images ``[B, 3, 16, 16]`` in [0, 1] -> one logit vector per head and features.
+
+    The heads are the five categories, then the right figure of a pair (0 = single layout).
+    """
 
     def __init__(self):
         super().__init__()
@@ -34,7 +37,7 @@ class Judge(nn.Module):
             nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),
             nn.Flatten(), nn.Linear(64 * 16, FEATURES), nn.SiLU(),
         )
-        self.heads = nn.ModuleList(nn.Linear(FEATURES, n) for n in NUM_CLASSES)
+        self.heads = nn.ModuleList(nn.Linear(FEATURES, n) for n in HEAD_CLASSES)
 
     def forward(self, x):
         f = self.body(x)

@@ -14,16 +14,13 @@ as rows of one batched model call through :class:`loratorio.routing.Router`.
   ``1 / (c k)``: uniform at the first step, sharpening as sampling proceeds);
   ``"reverse"`` passes ``T - 1 - k`` (sharp first, uniform at the last step), the other
   reading of the paper's ``tau = 1 / ((T - t) c)``.
-- ``descriptor = "channels"`` (a bench-only candidate, not the method as specified):
-  the patch vectors keep the colour channels instead of averaging them (step 1), the
-  rest of the step is the core's ``softmin_weights`` and the same mixing.
-- ``descriptor = "centred"`` (bench-only candidate): the core's patch similarity, minus
-  each LoRA's mean similarity over the image's patches, before the SoftMin. A LoRA that
-  differs from the base everywhere (a global style) then no longer wins every patch;
-  each LoRA wins where it differs more than it usually does.
-- ``engine``: the same step through :class:`loratorio.engine.Composer` (one per
-  composition), which adds dynamic selection: with ``probe_every > 1`` and a ``top_k``,
-  only the kept LoRAs are evaluated between probe steps, so the cost per step drops.
+  ``options`` passes the core's steps beyond the paper (``descriptor``, ``centred``,
+  ``mix``; see :mod:`loratorio.fusion`) to ``compose``: variants tried one at a time.
+- ``engine``: a named method (``Method.method``, a ``Settings.method`` value) through
+  ``loratorio.engine.Composer.from_settings`` (one composer per composition): exactly
+  what a user with those settings gets, including dynamic selection (with
+  ``probe_every > 1`` and a ``top_k`` only the kept LoRAs are evaluated between probe
+  steps, so the cost per step drops).
 """
 
 from __future__ import annotations
@@ -33,9 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from bench.quality_model import ddim_step, ddim_timesteps
+from bench.quality_report import PAPER, default_name
 from loratorio.engine import Composer
-from loratorio.fusion import compose, patch_similarity, softmin_weights
+from loratorio.fusion import compose, method_options
 from loratorio.routing import Router
+from loratorio.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,8 @@ class Method:
     top_k: int = 0
     schedule: str = "ours"
     probe_every: int = 1
-    descriptor: str = "mean"  # "channels" | "centred": bench-only candidates
+    options: tuple = ()  # compose() options beyond the paper, as sorted (name, value) pairs
+    method: str = "paper"  # for kind "engine": the Settings.method the composer is built from
 
     def evals_per_step(self, n: int) -> int:
         """Denoiser evaluations (images through the model) per sampling step for N LoRAs (the most, for ``engine``)."""
@@ -65,65 +65,46 @@ class Method:
         if self.kind not in ("loratorio", "engine"):
             return ""
         text = (f"lambda={self.recenter:g}, c={self.temperature_scale:g}, p={self.patch_size}, "
-                f"top_k={self.top_k or 'all'}, schedule={self.schedule}")
-        if self.descriptor != "mean":
-            text += f", descriptor={self.descriptor}"
-        return text + (f", probe every {self.probe_every}" if self.kind == "engine" else "")
+                f"top_k={self.top_k or 'all'}")
+        if self.schedule != "ours":
+            text += f", schedule={self.schedule}"
+        text += "".join(f", {k}={v}" for k, v in self.options)
+        if self.kind == "engine":
+            text = f"method={self.method}, " + text + (f", probe every {self.probe_every}" if self.probe_every > 1
+                                                       else "")
+        return text
+
+    def composer(self, names: list[str]) -> Composer:
+        """The composer a user with this method's settings gets (kind ``engine``)."""
+        settings = Settings(enabled=True, recenter=self.recenter, temperature_scale=self.temperature_scale,
+                            patch_size=self.patch_size, top_k=self.top_k, probe_every=self.probe_every,
+                            method=self.method).validate()
+        return Composer.from_settings(names, settings, record_map=True)
 
 
 def default_methods() -> list[Method]:
-    """The compared methods: three baselines and LoRAtorio's settings varied one at a time from the default."""
-    lt = "loratorio"
+    """The compared methods: baselines, the paper's step and the shipped default as a user gets them
+    (``Composer.from_settings``), and the default with one option changed at a time."""
+    d = Settings()
+    user = dict(recenter=d.recenter, temperature_scale=d.temperature_scale, patch_size=d.patch_size)
+    options = method_options(d.method)
+
+    def ablation(label: str, recenter: float | None = None, **changes) -> Method:
+        opts = {**options, **changes}
+        return Method(f"default, {label}", "loratorio", **{**user, "recenter": d.recenter if recenter is None
+                                                           else recenter}, options=tuple(sorted(opts.items())))
+
     return [
         Method("base (no LoRA)", "base"),
         Method("merge", "merge"),
         Method("switch k=1", "switch", switch_every=1),
-        Method("switch k=5", "switch", switch_every=5),
-        Method("composite", "composite"),
-        Method("loratorio (default)", lt),
-        Method("loratorio lambda=0", lt, recenter=0.0),
-        Method("loratorio top_k=1", lt, top_k=1),
-        Method("loratorio top_k=2", lt, top_k=2),
-        Method("loratorio c=1", lt, temperature_scale=1.0),
-        Method("loratorio c=100", lt, temperature_scale=100.0),
-        Method("loratorio reverse schedule", lt, schedule="reverse"),
-        Method("loratorio p=1", lt, patch_size=1),
-        Method("loratorio p=4", lt, patch_size=4),
-        Method("loratorio top_k=2 probe 4", "engine", top_k=2, probe_every=4),
-        Method("candidate: channel descriptor", lt, descriptor="channels"),
-        Method("candidate: centred similarity", lt, descriptor="centred"),
+        Method(PAPER, "engine", method="paper", recenter=0.5),
+        Method(default_name(d.method), "engine", method=d.method, **user),
+        ablation("lambda 0.5", recenter=0.5),
+        ablation("no conflict resolution (mix=sum)", mix="sum"),
+        ablation("ownership gates (mix=delta)", mix="delta"),
+        ablation("channel descriptor, centred", descriptor="channels", centred=True),
     ]
-
-
-def _channel_similarity(base: torch.Tensor, lora: torch.Tensor, patch: int) -> torch.Tensor:
-    """Cosine per patch with the channels kept: ``[B,C,H,W]``, ``[N,B,C,H,W]`` -> ``[N,B,H/p,W/p]``."""
-    def vec(t):
-        *lead, c, h, w = t.shape
-        n = len(lead)
-        t = t.float().reshape(*lead, c, h // patch, patch, w // patch, patch)
-        t = t.permute(*range(n), n + 1, n + 3, n, n + 2, n + 4)  # [..., H/p, W/p, C, p, p]
-        return t.reshape(*lead, h // patch, w // patch, c * patch * patch)
-
-    bv, lv = vec(base), vec(lora)
-    dot = (bv * lv).sum(-1)
-    return dot / (bv.norm(dim=-1).clamp_min(1e-8) * lv.norm(dim=-1).clamp_min(1e-8))
-
-
-def _candidate_compose(base_cond, lora_cond, base_uncond, lora_uncond, *, step, method):
-    """The LoRAtorio step with a candidate descriptor; returns (cond, uncond, weights [N,B,1,H,W])."""
-    if method.descriptor == "channels":
-        sim = _channel_similarity(base_cond, lora_cond, method.patch_size)
-    else:
-        sim = patch_similarity(base_cond, lora_cond, patch_size=method.patch_size)
-        sim = sim - sim.mean(dim=(-2, -1), keepdim=True)
-    w = softmin_weights(sim, step=step, temperature_scale=method.temperature_scale, top_k=method.top_k)
-    p = method.patch_size
-    w = w.repeat_interleave(p, -2).repeat_interleave(p, -1).unsqueeze(2)
-    cond = (w * lora_cond).sum(0)
-    uncond = base_uncond
-    if method.recenter > 0:
-        uncond = method.recenter * (w * lora_uncond).sum(0) + (1 - method.recenter) * base_uncond
-    return cond, uncond, w
 
 
 def _call(model, t, x, tokens, router=None, rows=None):
@@ -197,10 +178,7 @@ def sample(method: Method, model, targets, loras, branches, tokens, noise, steps
     elif method.kind == "composite":
         layout = _BranchLayout(branches, len(loras), with_base=False, with_uncond=True)
     elif method.kind == "engine":
-        composers = [Composer([str(j) for j in br], recenter=method.recenter,
-                              temperature_scale=method.temperature_scale, patch_size=method.patch_size,
-                              top_k=method.top_k, probe_every=method.probe_every, record_map=True)
-                     for br in branches]
+        composers = [method.composer([str(j) for j in br]) for br in branches]
         evals = torch.zeros(bsz)
     elif method.kind == "merge":
         merged = [{name: [a[name] for a in (loras[j] for j in br) if name in a] for name in targets} for br in branches]
@@ -240,18 +218,11 @@ def sample(method: Method, model, targets, loras, branches, tokens, noise, steps
         else:
             out = _call(model, t, *layout.inputs(x, tokens), router, layout.rows)
             step = k if method.schedule == "ours" else len(ts) - 1 - k
-            if method.descriptor != "mean":
-                cond, uncond, w = _candidate_compose(
-                    out[:bsz], out[layout.cond_idx], out[bsz:2 * bsz],
-                    out[layout.uncond_idx] if method.recenter > 0 else None, step=step, method=method)
-                weight_sum = w[:, :, 0] if weight_sum is None else weight_sum + w[:, :, 0]
-                x = ddim_step(x, uncond + cfg * (cond - uncond), t, ts[k + 1] if k + 1 < len(ts) else None)
-                continue
             res = compose(
                 out[:bsz], out[layout.cond_idx],
                 out[bsz:2 * bsz], out[layout.uncond_idx] if method.recenter > 0 else None,
                 step=step, patch_size=method.patch_size, temperature_scale=method.temperature_scale,
-                recenter=method.recenter, top_k=method.top_k,
+                recenter=method.recenter, top_k=method.top_k, **dict(method.options),
             )
             cond, uncond = res.cond, res.uncond
             w = res.weights[:, :, 0]

@@ -2,7 +2,7 @@
 
 Every image is 16x16 RGB, values in [0, 1], and is fully described by one label per
 category (0 = the generic member, which the base model knows; 1.. = named concepts,
-which only LoRAs learn) plus nuisance randomness (positions, generic colours):
+which only LoRAs learn), a layout, and nuisance randomness (positions, generic colours):
 
 - character (3 concepts): a figure in the middle of the image; generic = a rectangle;
 - clothing (2): the colour or pattern that fills the character; generic = a dull brown;
@@ -12,6 +12,14 @@ which only LoRAs learn) plus nuisance randomness (positions, generic colours):
 
 Eleven concepts in all, 3 + 2 + 2 + 2 + 2 as in one ComposLoRA subset. Captions are
 token ids: ``person`` followed by the trigger token of every named concept.
+
+Layouts: a *single* figure in the middle (caption ``person ...``), or a *pair* of
+smaller figures side by side (caption ``pair ...``). In a pair the character label is
+the left figure and :attr:`Labels.values` carries the right figure's kind as a sixth
+value. A character LoRA learns its figure alone and as one of a pair (next to a generic
+figure, on either side), so "two characters in one image" (``pair`` plus two character
+triggers) has a right answer, one figure of each, that merging two character LoRAs
+tends to melt into one hybrid shape.
 """
 
 from __future__ import annotations
@@ -34,9 +42,14 @@ CONCEPTS = {
 #: Flat list of (category, value) for the eleven named concepts; a LoRA per entry.
 CONCEPT_LIST = tuple((cat, v + 1) for cat in CATEGORIES for v in range(len(CONCEPTS[cat])))
 NUM_CLASSES = tuple(len(CONCEPTS[cat]) + 1 for cat in CATEGORIES)
+#: Judge heads: the five categories, then the right figure of a pair (0 = single layout, 1 + kind).
+HEADS = (*CATEGORIES, "second")
+HEAD_CLASSES = (*NUM_CLASSES, NUM_CLASSES[0] + 1)
 
-PAD, PERSON = 0, 1
-TOKEN_OFFSET = 2  # concept tokens follow PAD and PERSON
+PAD, PERSON, PAIR = 0, 1, 2
+TOKEN_OFFSET = 3  # concept tokens follow PAD, PERSON and PAIR
+PAIR_SCALE = 0.62  # figures of a pair, relative to a single figure
+PAIR_PROB = 0.3  # share of pair layouts in training scenes
 VOCAB = TOKEN_OFFSET + len(CONCEPT_LIST)
 CAPTION_LEN = 1 + len(CATEGORIES)
 
@@ -52,24 +65,36 @@ def concept_token(concept: tuple[str, int]) -> int:
 
 @dataclass(frozen=True)
 class Labels:
-    """One value per category, in ``CATEGORIES`` order (0 = generic)."""
+    """One value per category, in ``CATEGORIES`` order (0 = generic), then the layout.
 
-    values: tuple[int, int, int, int, int]
+    The sixth value is 0 for a single figure, ``1 + kind`` for a pair whose right figure
+    is character ``kind`` (0 = generic); the character value is then the left figure.
+    """
+
+    values: tuple[int, int, int, int, int, int]
+
+    def __post_init__(self):
+        if len(self.values) == len(CATEGORIES):
+            object.__setattr__(self, "values", (*self.values, 0))
+
+    @property
+    def pair(self) -> bool:
+        return self.values[5] > 0
 
     def concepts(self) -> list[tuple[str, int]]:
         return [(cat, v) for cat, v in zip(CATEGORIES, self.values) if v]
 
 
-def caption(concepts, extra_tokens=()) -> list[int]:
-    """Token ids, padded to ``CAPTION_LEN``: PERSON, the triggers of ``concepts``, then ``extra_tokens``."""
-    tokens = [PERSON] + [concept_token(c) for c in concepts] + list(extra_tokens)
+def caption(concepts, extra_tokens=(), pair: bool = False) -> list[int]:
+    """Token ids, padded to ``CAPTION_LEN``: PERSON (PAIR), the triggers of ``concepts``, then ``extra_tokens``."""
+    tokens = [PAIR if pair else PERSON] + [concept_token(c) for c in concepts] + list(extra_tokens)
     tokens = tokens[:CAPTION_LEN]
     return tokens + [PAD] * (CAPTION_LEN - len(tokens))
 
 
-def _char_mask(kind: int, cy: float, cx: float, rng: np.random.Generator) -> np.ndarray:
+def _char_mask(kind: int, cy: float, cx: float, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
-    dy, dx = yy - cy, xx - cx
+    dy, dx = (yy - cy) / scale, (xx - cx) / scale
     if kind == 0:  # generic: a rectangle of random size
         hw, hh = rng.choice([2.9, 3.4]), rng.choice([3.9, 4.4])
         return (np.abs(dx) < hw) & (np.abs(dy) < hh)
@@ -79,6 +104,18 @@ def _char_mask(kind: int, cy: float, cx: float, rng: np.random.Generator) -> np.
         return (dy > -4.6) & (dy < 4.4) & (np.abs(dx) < (dy + 4.6) * 0.56)
     # plus
     return ((np.abs(dx) < 1.6) & (np.abs(dy) < 5.0)) | ((np.abs(dy) < 1.6) & (np.abs(dx) < 5.0))
+
+
+def _figures_mask(labels: Labels, rng: np.random.Generator) -> np.ndarray:
+    """Where the figure(s) of ``labels`` are: one in the middle, or a pair side by side."""
+    char, right = labels.values[0], labels.values[5]
+    if not right:
+        cy, cx = 9.0 + rng.integers(-1, 2), 8.0 + rng.integers(-1, 2)
+        return _char_mask(char, cy, cx, rng)
+    cy = 9.5 + rng.integers(-1, 2)
+    shift = rng.integers(0, 2) * 0.5
+    left = _char_mask(char, cy, 4.25 - shift, rng, PAIR_SCALE)
+    return left | _char_mask(right - 1, cy, 11.75 + shift, rng, PAIR_SCALE)
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
@@ -92,7 +129,7 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
 
 def render(labels: Labels, rng: np.random.Generator) -> np.ndarray:
     """Draw one image ``[3, 16, 16]`` float32 in [0, 1] for ``labels``; nuisance comes from ``rng``."""
-    char, cloth, style, bg, obj = labels.values
+    _, cloth, style, bg, obj, _ = labels.values
     img = np.zeros((SIZE, SIZE, 3), np.float32)
     # background
     if bg == 0:
@@ -104,9 +141,8 @@ def render(labels: Labels, rng: np.random.Generator) -> np.ndarray:
         yy, xx = np.mgrid[0:SIZE, 0:SIZE]
         chk = ((yy // 2 + xx // 2) % 2)[..., None]
         img[:] = np.where(chk, np.array([0.25, 0.65, 0.2]), np.array([0.08, 0.38, 0.1]))
-    # character, filled with its clothing
-    cy, cx = 9.0 + rng.integers(-1, 2), 8.0 + rng.integers(-1, 2)
-    mask = _char_mask(char, cy, cx, rng)
+    # character(s), filled with the clothing
+    mask = _figures_mask(labels, rng)
     if cloth == 0:
         fill = np.array([0.42, 0.3, 0.2]) * rng.uniform(0.75, 1.15)
         img[mask] = fill
@@ -138,18 +174,32 @@ def render(labels: Labels, rng: np.random.Generator) -> np.ndarray:
 
 
 def random_labels(rng: np.random.Generator, generic_prob: float = 0.4) -> Labels:
-    """Labels over the whole world: each category generic with ``generic_prob``, else a uniform concept."""
+    """Labels over the whole world: each category generic with ``generic_prob``, else a uniform concept.
+
+    A share ``PAIR_PROB`` of scenes are pairs, whose right figure is drawn like the left one.
+    """
     values = []
     for n in NUM_CLASSES:
         values.append(0 if rng.random() < generic_prob else int(rng.integers(1, n)))
-    return Labels(tuple(values))
+    right = 0
+    if rng.random() < PAIR_PROB:
+        right = 1 + (0 if rng.random() < generic_prob else int(rng.integers(1, NUM_CLASSES[0])))
+    return Labels((*values, right))
 
 
-def labels_of(concepts) -> Labels:
+def labels_of(concepts, pair_with: int | None = None) -> Labels:
+    """Labels of a single-figure scene with ``concepts``; with ``pair_with`` (a character kind), a pair."""
     values = [0] * len(CATEGORIES)
     for cat, v in concepts:
         values[CATEGORIES.index(cat)] = v
-    return Labels(tuple(values))
+    return Labels((*values, 0 if pair_with is None else 1 + pair_with))
+
+
+def two_subject_labels(concepts) -> Labels:
+    """The right answer to ``pair`` + two character triggers (+ others): one figure of each character."""
+    chars = [v for cat, v in concepts if cat == "character"]
+    rest = [c for c in concepts if c[0] != "character"]
+    return labels_of([("character", chars[0]), *rest], pair_with=chars[1])
 
 
 def render_batch(labels: list[Labels], rng: np.random.Generator) -> np.ndarray:
@@ -163,14 +213,15 @@ def base_batch(n: int, rng: np.random.Generator, stray_token_prob: float = 0.5):
     so the base learns the words but not the concepts (like a base model that knows a
     name without knowing the character): given a trigger it still draws the generic scene.
     """
-    imgs = render_batch([Labels((0, 0, 0, 0, 0))] * n, rng)
+    pairs = rng.random(n) < PAIR_PROB
+    imgs = render_batch([labels_of([], pair_with=0 if p else None) for p in pairs], rng)
     caps = []
-    for _ in range(n):
+    for p in pairs:
         extra = []
         if rng.random() < stray_token_prob:
             k = int(rng.integers(1, 4))
             extra = [TOKEN_OFFSET + int(i) for i in rng.choice(len(CONCEPT_LIST), size=k, replace=False)]
-        caps.append(caption([], extra))
+        caps.append(caption([], extra, pair=bool(p)))
     return imgs, np.array(caps, np.int64)
 
 
@@ -179,16 +230,26 @@ def concept_batch(concept: tuple[str, int], n: int, rng: np.random.Generator, st
 
     Stray triggers of other categories appear in some captions with no effect on the
     image: the LoRA keeps drawing its own concept's scene when prompted with others.
+    In pair scenes a character concept is one of the two figures (either side, the
+    other generic); any other concept applies to a pair of generic figures.
     """
-    imgs = render_batch([labels_of([concept])] * n, rng)
+    labels = []
+    for p in rng.random(n) < PAIR_PROB:
+        if not p:
+            labels.append(labels_of([concept]))
+        elif concept[0] != "character" or rng.random() < 0.5:
+            labels.append(labels_of([concept], pair_with=0))
+        else:
+            labels.append(labels_of([("character", 0)], pair_with=concept[1]))
+    imgs = render_batch(labels, rng)
     others = [i for i, c in enumerate(CONCEPT_LIST) if c[0] != concept[0]]
     caps = []
-    for _ in range(n):
+    for lab in labels:
         extra = []
         if rng.random() < stray_token_prob:
             k = int(rng.integers(1, 4))
             extra = [TOKEN_OFFSET + int(i) for i in rng.choice(others, size=k, replace=False)]
-        caps.append(caption([concept], extra))
+        caps.append(caption([concept], extra, pair=lab.pair))
     return imgs, np.array(caps, np.int64)
 
 
@@ -207,3 +268,12 @@ def compositions(max_n: int = 5) -> list[tuple[tuple[str, int], ...]]:
                 for rest in itertools.product(*pools):
                     out.append((char, *rest))
     return out
+
+
+def two_subject_compositions() -> list[tuple[tuple[str, int], ...]]:
+    """Two characters in one image: every pair of character concepts, alone (N = 2) and with
+    each concept of another category (N = 3): 3 + 24 = 27 sets."""
+    chars = [c for c in CONCEPT_LIST if c[0] == "character"]
+    others = [c for c in CONCEPT_LIST if c[0] != "character"]
+    duos = list(itertools.combinations(chars, 2))
+    return [duo for duo in duos] + [(*duo, o) for duo in duos for o in others]

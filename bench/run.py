@@ -29,10 +29,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench import _model, _report, _timing  # noqa: E402
+from bench import _hook_cost, _hosts, _model, _report, _timing  # noqa: E402
 from bench._workload import Workload  # noqa: E402
 from loratorio.fusion import compose  # noqa: E402
 from loratorio.selection import ProbePolicy  # noqa: E402
+from loratorio.settings import Settings  # noqa: E402
 
 N_MAIN = 4
 POOL = 8
@@ -45,7 +46,9 @@ FUSION_LATENT = 128
 FUSION_BATCH = 2
 
 KEYS = ("routing_overhead", "routing_max_rel_error", "step_vs_floor", "speedup_vs_remerge", "pruning_cost_ratio",
-        "lambda0_cost_ratio", "adapter_memory_ratio", "fusion_ms")
+        "lambda0_cost_ratio", "adapter_memory_ratio", "fusion_ms", "model_calls_per_step", "hook_us_per_module",
+        "default_vs_paper_step")
+DEFAULT = Settings()  # the shipped method and lambda: what a user's step costs
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,12 @@ class Mode:
     fusion_reps: int = 15
     dtype: str = "float32"
     extra_sweeps: tuple[tuple[str, int], ...] = field(default=())
+    hook_reps: int = 15  # side-by-side repetitions of the per-module routing cost (5 calls each)
 
 
 MODES = {
     "smoke": Mode("smoke", "tiny", latent=8, reps=1, warmup=1, sweep_latent=8, sweep_reps=1, sweep_ns=(1, 2),
-                  prune_latent=8, prune_reps=1, fusion_reps=1),
+                  prune_latent=8, prune_reps=1, fusion_reps=1, hook_reps=1),
     "quick": Mode("quick", "sd15-2level", latent=16, reps=3, sweep_latent=8, sweep_reps=2, prune_latent=16,
                   prune_reps=1),
     "full": Mode("full", "sd15", latent=32, reps=3, sweep_latent=16, sweep_reps=1, prune_latent=24, prune_reps=1),
@@ -84,13 +88,17 @@ def targets(device: str) -> dict[str, tuple[str, float]]:
     return {
         "routing_overhead": ("<=", 1.10),
         "routing_max_rel_error": ("<=", 1e-4),
-        "step_vs_floor": ("<=", 1.15),
+        "step_vs_floor": ("<=", 1.15 if device == "cuda" else 1.05),
         "speedup_vs_remerge": (">=", 2.0 if device == "cuda" else 1.1),
         "pruning_cost_ratio": ("<=", 0.5),
         # "about (N+2)/(2N+2)": met when no more than 10 % above it.
         "lambda0_cost_ratio": ("~", (N_MAIN + 2) / (2 * N_MAIN + 2)),
         "adapter_memory_ratio": ("<=", 2.0),
         "fusion_fraction": ("<", 0.02),
+        "model_calls_per_step": ("==", 1.0),
+        "hook_us_per_module": ("<=", 20.0),
+        # the shipped method runs the same evaluations as the paper's step; only its fusion differs
+        "default_vs_paper_step": ("<=", 1.05),
     }
 
 
@@ -103,6 +111,8 @@ def is_met(op: str, bound: float, value: float) -> bool:
         return value < bound
     if op == ">=":
         return value >= bound
+    if op == "==":
+        return value == bound
     return value <= bound * 1.10
 
 
@@ -174,7 +184,8 @@ def measure_main(model: _model.Model, pool: list[dict], mode: Mode, sync) -> dic
         "routed_branch_rows": lambda: work.branches(active, True),
         "floor": lambda: work.floor(N_MAIN, True),
         "step": lambda: work.step(active, recenter=RECENTER),
-        "step_one_call": lambda: work.step_one_call(active, recenter=RECENTER),
+        "step_two_calls": lambda: work.step_two_calls(active, recenter=RECENTER),
+        "step_default": lambda: work.step(active, recenter=DEFAULT.recenter, method=DEFAULT.method),
         "step_lambda0": lambda: work.step(active, recenter=0.0),
         "floor_lambda0": lambda: work.floor(N_MAIN, False),
         "remerge": lambda: work.remerge_step(active, recenter=RECENTER),
@@ -190,7 +201,8 @@ def measure_main(model: _model.Model, pool: list[dict], mode: Mode, sync) -> dic
             "speedup_vs_remerge": r(samples, "remerge", "step"),
             "lambda0_cost_ratio": r(samples, "step_lambda0", "step"),
             "step_vs_plain_cfg": r(samples, "step", "plain_cfg"),
-            "step_one_call_vs_floor": r(samples, "step_one_call", "floor"),
+            "step_two_calls_vs_floor": r(samples, "step_two_calls", "floor"),
+            "default_vs_paper_step": r(samples, "step_default", "step"),
             "lambda0_step_vs_floor": r(samples, "step_lambda0", "floor_lambda0"),
         },
         "router_nbytes": nbytes,
@@ -290,6 +302,11 @@ def run(quick: bool = False, smoke: bool = False, device: str = "cpu", threads: 
 
         log(f"N={N_MAIN} side by side at {cfg.latent}x{cfg.latent}, B={cfg.batch}, {cfg.reps} reps")
         main = measure_main(model, pool, cfg, sync)
+        log("per-module routing cost: sd15-narrow at 8x8, routed vs plain call of 10 rows")
+        hook = _hook_cost.measure(reps=cfg.hook_reps, sync=sync, device=dev, inner=1 if name == "smoke" else 5,
+                                  with_baseline=name != "smoke")
+        log("model calls per composed step through the fake A1111 and Forge")
+        hosts = _hosts.measure()
         log("pruning: 20 steps, pool 8, top-k 2 probed every 5 vs all 8 every step")
         prune = measure_pruning(model, pool, cfg, sync)
         log(f"sweep N={list(cfg.sweep_ns)} at {cfg.sweep_latent}x{cfg.sweep_latent}")
@@ -314,7 +331,7 @@ def run(quick: bool = False, smoke: bool = False, device: str = "cpu", threads: 
                                                   warmup=1, sync=sync)["step"]
                 fusion_step_model = extra_name
                 del work
-    result = _assemble(cfg, dev, machine, started, error, flops, main, prune, sweeps, fusion)
+    result = _assemble(cfg, dev, machine, started, error, flops, main, prune, sweeps, fusion, hook, hosts)
     if fusion_step is not None:
         result["fusion_fraction"] = fusion.median / fusion_step.median
         result["detail"]["fusion"]["denominator"] = (
@@ -334,7 +351,7 @@ def _free(device: torch.device) -> None:
 
 
 def _assemble(cfg: Mode, dev: torch.device, machine: dict, started: float, error: dict, flops: dict | None,
-              main: dict, prune: dict, sweeps: dict, fusion: _timing.Samples) -> dict:
+              main: dict, prune: dict, sweeps: dict, fusion: _timing.Samples, hook: dict, hosts: dict) -> dict:
     ratios = main["ratios"]
     step = main["samples"]["step"]
     # The step at the fusion size, extrapolated from the measured one: UNet work per row grows
@@ -352,6 +369,9 @@ def _assemble(cfg: Mode, dev: torch.device, machine: dict, started: float, error
         "adapter_memory_ratio": main["router_nbytes"] / main["factor_nbytes"],
         "fusion_ms": fusion.median * 1e3,
         "fusion_fraction": fusion.median / step_at_fusion_size,
+        "model_calls_per_step": float(max(hosts.values())),
+        "hook_us_per_module": hook["hook_us_per_module"],
+        "default_vs_paper_step": ratios["default_vs_paper_step"].value,
         "mode": cfg.name,
         "machine": machine,
         "setup": {**asdict(cfg), "n": N_MAIN, "pool": POOL, "rank": RANK, "recenter": RECENTER,
@@ -362,6 +382,8 @@ def _assemble(cfg: Mode, dev: torch.device, machine: dict, started: float, error
             "ratios": {k: v.summary() for k, v in ratios.items()},
             "variants": {k: s.summary() for k, s in main["samples"].items()},
             "routing_error": error,
+            "model_calls": hosts,
+            "hook_cost": hook,
             "flops": flops,
             "memory": {"router_nbytes": main["router_nbytes"], "factor_nbytes": main["factor_nbytes"]},
             "pruning": {"ratio": prune["ratio"].summary(), "evaluation_ratio": prune["evaluation_ratio"],

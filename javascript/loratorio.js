@@ -2,7 +2,8 @@
 //
 // - Shows in the LoRAtorio accordion header which LoRAs will be composed as branches
 //   (from the <lora:...> tags of the prompt, minus "Merge into base instead", plus the
-//   candidate pool), updated while the prompt is typed.
+//   candidate pool), updated while the prompt is typed. Tags that name no LoRA of the
+//   LoRA list (the server puts the list into a hidden element) are marked and not counted.
 // - Adds tooltips for every setting through the WebUI's `titles` hint map.
 //
 // The WebUI loads this file on every page, before the UI exists and also where the
@@ -32,13 +33,13 @@
         recenter: 'Re-centring (lambda)',
         temperature_scale: 'Temperature scale',
         patch_size: 'Patch size',
-        top_k: 'Top-k LoRAs per patch (0 = all)',
+        top_k: 'Top-k LoRAs per patch',
         probe_every: 'Probe every N steps',
         pool: 'Candidate pool',
         text_encoder_per_branch: 'Text encoder per branch',
         merge_into_base: 'Merge into base instead',
         composition_map: 'Show composition map',
-        max_rows_per_call: 'Max rows per model call (0 = no limit)',
+        max_rows_per_call: 'Max rows per model call',
     };
 
     // With N composed LoRAs a step costs 2N + 2 model evaluations (base cond and uncond,
@@ -58,7 +59,7 @@
         'Patch size': 'Side of the regions, in latent pixels (8 image pixels each), that are given to one LoRA ' +
             'or another. Small (1-2, default 2): fine boundaries that follow details; large: coarser, blockier ' +
             'areas. Practically no effect on speed.',
-        'Top-k LoRAs per patch (0 = all)': 'How many LoRAs may act in each patch: only the k that differ most ' +
+        'Top-k LoRAs per patch': 'How many LoRAs may act in each patch: only the k that differ most ' +
             'from the base model keep a weight. 1 = every patch belongs to a single LoRA (sharpest separation); ' +
             '0 = all LoRAs blend (default). Saves time only together with "Probe every N steps" above 1.',
         'Probe every N steps': 'Evaluate every candidate LoRA only on every N-th step; in between, only the ' +
@@ -78,9 +79,9 @@
         'Show composition map': 'Add one extra image per result that colours each area by the LoRA that acted ' +
             'there (averaged over the steps), with a legend. The generated image itself is unchanged; costs ' +
             'a little time and memory.',
-        'Max rows per model call (0 = no limit)': 'The LoRA branches of a step run together in one extra model ' +
+        'Max rows per model call': 'The LoRA branches of a step run together in one extra model ' +
             'call. If that runs out of VRAM, cap the batch rows per call (e.g. 2-4): same image, slower. ' +
-            '0 = all in one call (fastest).',
+            '0 = no limit: all in one call (fastest, default).',
     };
 
     function root() {
@@ -248,14 +249,48 @@
         return out;
     }
 
+    // The names a tag may use (file names and aliases), as a JSON list in a data attribute
+    // of a hidden element the server renders and refreshes; parsed again only when it changes.
+    var KNOWN_ATTR = 'data-loratorio-loras';
+    var knownCache = {};
+
+    /** The set of LoRA names the WebUI knows for a tab, or null where the page has no list. */
+    function knownLoras(tab) {
+        var el = find('#loratorio_' + tab + '_known_loras [' + KNOWN_ATTR + ']');
+        if (!el) {
+            return null;
+        }
+        var raw = el.getAttribute(KNOWN_ATTR);
+        var cached = knownCache[tab];
+        if (cached && cached.raw === raw) {
+            return cached.names;
+        }
+        var names = null;
+        try {
+            var list = JSON.parse(raw);
+            if (Array.isArray(list)) {
+                names = Object.create(null);
+                list.forEach(function(n) {
+                    names[n] = true;
+                });
+            }
+        } catch (e) {
+            names = null;
+        }
+        knownCache[tab] = {raw: raw, names: names};
+        return names;
+    }
+
     /**
-     * What LoRAtorio would compose for a tab: tagged LoRAs (first occurrence wins) not
-     * listed under "Merge into base instead", then pool LoRAs not already tagged.
+     * What LoRAtorio would compose for a tab: tagged LoRAs (first occurrence wins) that the
+     * LoRA list knows and that are not listed under "Merge into base instead", then pool
+     * LoRAs not already tagged. Tags of unknown names are skipped by the server too.
      */
     function tabState(tab) {
         var all = loraTags(promptText(tab));
         var mergeSel = multiselectValues('loratorio_' + tab + '_merge_into_base');
         var poolSel = multiselectValues('loratorio_' + tab + '_pool');
+        var known = knownLoras(tab);
         // the first valid tag of a name counts, as on the server
         var tags = [];
         all.forEach(function(t) {
@@ -271,10 +306,16 @@
         var tagged = tags.map(function(t) {
             return t.name;
         });
-        var names = tagged.filter(function(n) {
+        var unknown = tagged.filter(function(n) {
+            return known !== null && !known[n];
+        });
+        var found = tagged.filter(function(n) {
+            return unknown.indexOf(n) < 0;
+        });
+        var names = found.filter(function(n) {
             return mergeSel.indexOf(n) < 0;
         });
-        var merged = tagged.filter(function(n) {
+        var merged = found.filter(function(n) {
             return mergeSel.indexOf(n) >= 0;
         });
         var pool = poolSel.filter(function(n) {
@@ -287,6 +328,7 @@
             names: names,
             pool: pool,
             merged: merged,
+            unknown: unknown,
             invalid: invalid,
             count: names.length + pool.length,
         };
@@ -309,7 +351,8 @@
         }
         var note = '';
         if (st.count === 0) {
-            note = 'no <lora:...> tags: plain generation';
+            var tagged = st.merged.length + st.unknown.length + st.invalid.length > 0;
+            note = tagged ? 'nothing to compose: plain generation' : 'no <lora:...> tags: plain generation';
         } else if (st.count === 1) {
             note = 'composition needs 2 or more';
         }
@@ -318,6 +361,7 @@
             list: list,
             note: note,
             merged: st.merged.length ? 'merged: ' + st.merged.join(', ') : '',
+            unknown: st.unknown.length ? 'not found: ' + st.unknown.join(', ') : '',
             skipped: st.invalid.length ? 'skipped: ' + st.invalid.map(function(t) {
                 return t.text;
             }).join(' ') : '',
@@ -345,14 +389,21 @@
         if (st.merged.length) {
             lines.push('Merged into the base model for every branch: ' + st.merged.join(', '));
         }
+        if (st.unknown.length) {
+            lines.push('Not found in the LoRA list, skipped: ' + st.unknown.join(', '));
+        }
         st.invalid.forEach(function(t) {
             lines.push('Skipped ' + t.text + ': ' + t.reason);
         });
-        lines.push('From the prompt as typed; when a batch has several prompts, the first one\'s tags count.');
+        lines.push('From the prompt as typed; when a batch has several prompts, the first one\'s tags count. ' +
+            'A file that cannot be loaded is skipped when generating; the report under the image says why.');
         return lines.join('\n');
     }
 
-    var SUMMARY_PARTS = ['count', 'list', 'note', 'merged', 'skipped'];
+    var SUMMARY_PARTS = ['count', 'list', 'note', 'merged', 'unknown', 'skipped'];
+
+    var UNKNOWN_HINT = 'Not in the LoRA list: LoRAtorio skips these tags. Check the spelling; after adding a ' +
+        'file, press the refresh button next to "Merge into base instead".';
 
     function ensureSummary(tab) {
         var acc = find('#loratorio_' + tab);
@@ -375,6 +426,9 @@
         SUMMARY_PARTS.forEach(function(part) {
             var s = document.createElement('span');
             s.className = 'loratorio-summary-' + part;
+            if (part === 'unknown') {
+                s.title = UNKNOWN_HINT;
+            }
             span.appendChild(s);
         });
         // Stay after the label span (the WebUI puts its checkbox into the first span) and
@@ -418,6 +472,7 @@
         setText(span.querySelector('.loratorio-summary-list'), parts.list);
         setText(span.querySelector('.loratorio-summary-note'), parts.note);
         setText(span.querySelector('.loratorio-summary-merged'), parts.merged);
+        setText(span.querySelector('.loratorio-summary-unknown'), parts.unknown);
         setText(span.querySelector('.loratorio-summary-skipped'), parts.skipped);
         setAttr(span, 'data-count', String(st.count));
         setAttr(span, 'data-state', st.count === 0 ? 'none' : st.count === 1 ? 'single' : 'compose');

@@ -3,6 +3,9 @@
 Host-free (torch, numpy, Pillow). Each LoRA gets a colour; a pixel's colour is the mix of
 the LoRAs' colours by their fusion weights (method step 4-6, averaged over the steps of
 the generation), blended over the generated image, with a legend of the LoRA names.
+Weights of the delta mixes are gates (each LoRA's share of its own change, in [0, 1]):
+where they add up to more than one the colours are mixed in proportion, where less the
+mix darkens (the LoRAs hold back there).
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 
 
 def colorize(weights: torch.Tensor, colors: Sequence[tuple[int, int, int]] | None = None) -> np.ndarray:
-    """``weights [N, H, W]`` (summing to one over N) -> ``uint8 [H, W, 3]`` mixed colours."""
+    """``weights [N, H, W]`` (non-negative) -> ``uint8 [H, W, 3]`` mixed colours (weights summing to one mix
+    as they are; larger sums are scaled down to one)."""
     if weights.dim() != 3:
         raise ValueError(f"weights must be [N, H, W], got {list(weights.shape)}")
     n = weights.shape[0]
     colors = colors or [PALETTE[i % len(PALETTE)] for i in range(n)]
     table = torch.tensor(colors[:n], dtype=torch.float32)  # [N, 3]
     w = weights.detach().float().cpu().clamp(min=0)
+    w = w / w.sum(0, keepdim=True).clamp(min=1.0)
     mixed = torch.einsum("nhw,nc->hwc", w, table)
     return mixed.clamp(0, 255).round().to(torch.uint8).numpy()
 

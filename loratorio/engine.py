@@ -19,20 +19,33 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from .fusion import Composition, compose
+from .fusion import Composition, compose, method_options
 from .selection import ProbePolicy
 
-__all__ = ["Composer"]
+__all__ = ["Composer", "host_flags"]
+
+
+def host_flags(flags: torch.Tensor) -> list[bool]:
+    """The one device-to-host read of a composed step: a 1-D bool tensor as Python bools."""
+    return [bool(v) for v in flags.tolist()]
+
+
+def _on_device(indices: list[int], device: torch.device) -> torch.Tensor:
+    """An index tensor on ``device`` without waiting for the device's queue (a plain copy of a list would)."""
+    return torch.tensor(indices, dtype=torch.long).to(device, non_blocking=True)
 
 
 class Composer:
     """Fuses the branches named ``names`` step by step (method steps 1-8, plus selection)."""
 
     def __init__(self, names: list[str], *, recenter: float = 0.5, temperature_scale: float = 10.0,
-                 patch_size: int = 2, top_k: int = 0, probe_every: int = 1, record_map: bool = False):
+                 patch_size: int = 2, top_k: int = 0, probe_every: int = 1, record_map: bool = False,
+                 method: str = "paper"):
         if not names:
             raise ValueError("Composer needs at least one LoRA branch")
         self.names = list(names)
+        self.method = method
+        self.fusion_options = method_options(method)
         self.recenter, self.temperature_scale = recenter, temperature_scale
         self.patch_size, self.top_k = patch_size, top_k
         self.policy = ProbePolicy(len(names), top_k=top_k, probe_every=probe_every)
@@ -43,6 +56,18 @@ class Composer:
         self.branch_evaluations = 0
         self._map_sum: torch.Tensor | None = None
         self._map_steps = 0
+
+    @classmethod
+    def from_settings(cls, names: list[str], settings, *, record_map: bool | None = None) -> Composer:
+        """The composer a generation with ``settings`` (a :class:`loratorio.settings.Settings`) uses.
+
+        The one constructor hosts and benchmarks share, so what a benchmark measures is
+        what a user gets. ``record_map`` defaults to ``settings.composition_map``.
+        """
+        return cls(names, recenter=settings.recenter, temperature_scale=settings.temperature_scale,
+                   patch_size=settings.patch_size, top_k=settings.top_k, probe_every=settings.probe_every,
+                   record_map=settings.composition_map if record_map is None else record_map,
+                   method=settings.method)
 
     @property
     def needs_uncond(self) -> bool:
@@ -77,38 +102,61 @@ class Composer:
         self.branch_evaluations += len(active)
         batch, _, height, width = base_cond.shape
         full = torch.zeros(len(self.names), batch, 1, height, width, device=base_cond.device)
-        if not self._finite(base_cond, base_uncond):
+        base_ok, keep = self._finite(base_cond, base_uncond, lora_cond, lora_uncond if use_uncond else None)
+        if not base_ok:
             # The model diverged on its own (too high a CFG scale, a broken checkpoint):
             # the branches are not to blame, and there is nothing sound to compose against.
             self.base_nonfinite += 1
             return Composition(cond=base_cond, uncond=base_uncond, weights=full)
-        keep = [i for i in range(len(active)) if self._finite(lora_cond[i], lora_uncond[i] if use_uncond else None)]
         for i in set(range(len(active))) - set(keep):
             self.dropped[self.names[active[i]]] += 1
         if not keep:
             # Nothing usable this step: the base prediction is the safe answer.
             return Composition(cond=base_cond, uncond=base_uncond, weights=full)
-        index = torch.tensor(keep, device=lora_cond.device)
+        if len(keep) < len(active):
+            index = _on_device(keep, lora_cond.device)
+            lora_cond = lora_cond.index_select(0, index)
+            lora_uncond = lora_uncond.index_select(0, index) if use_uncond else None
         top_k = self.top_k if 0 < self.top_k < len(keep) else 0
         res = compose(
-            base_cond, lora_cond.index_select(0, index),
-            base_uncond, lora_uncond.index_select(0, index) if use_uncond else None,
+            base_cond, lora_cond,
+            base_uncond, lora_uncond if use_uncond else None,
             step=step, x=x, patch_size=self.patch_size, temperature_scale=self.temperature_scale,
-            recenter=self.recenter if base_uncond is not None else 0.0, top_k=top_k,
+            recenter=self.recenter if base_uncond is not None else 0.0, top_k=top_k, **self.fusion_options,
         )
         kept = [active[i] for i in keep]
-        full[kept] = res.weights.to(full.device)
+        if kept == list(range(len(self.names))):
+            full = res.weights.to(full.device, torch.float32).contiguous()
+        else:
+            full.index_copy_(0, _on_device(kept, full.device), res.weights.to(full.device, full.dtype))
         self.policy.observe(step, kept, res.weights)
         if self.record_map:
             self._record(full)
         return Composition(cond=res.cond, uncond=res.uncond, weights=full)
 
     @staticmethod
-    def _finite(cond: torch.Tensor, uncond: torch.Tensor | None) -> bool:
-        return bool(torch.isfinite(cond).all()) and (uncond is None or bool(torch.isfinite(uncond).all()))
+    def _finite(base_cond: torch.Tensor, base_uncond: torch.Tensor | None, lora_cond: torch.Tensor,
+                lora_uncond: torch.Tensor | None) -> tuple[bool, list[int]]:
+        """``(base finite, indices of the finite branches)`` with one read from the device.
+
+        The checks run where the predictions are; their verdicts come to the host in a
+        single read per call (which branches to compose is a decision that needs it), not
+        one read per tensor, which would stall the device queue once per branch.
+        """
+        flags = torch.isfinite(lora_cond).flatten(1).all(1)
+        if lora_uncond is not None:
+            flags = flags & torch.isfinite(lora_uncond).flatten(1).all(1)
+        base = torch.isfinite(base_cond).all()
+        if base_uncond is not None:
+            base = base & torch.isfinite(base_uncond).all()
+        verdicts = host_flags(torch.cat([base.reshape(1), flags]))
+        return verdicts[0], [i for i, ok in enumerate(verdicts[1:]) if ok]
 
     def _record(self, weights: torch.Tensor) -> None:
-        maps = weights[:, :, 0].float().cpu()
+        # Summed where the weights are (no copy to the host per step); read once per generation.
+        maps = weights[:, :, 0].float()
+        if self._map_sum is not None and self._map_sum.device != maps.device:
+            self._map_sum = self._map_sum.to(maps.device)
         if self._map_sum is not None and self._map_sum.shape != maps.shape:
             if self._map_sum.shape[:2] == maps.shape[:2]:
                 # A hires pass: carry the earlier steps over at the new resolution.
@@ -119,7 +167,7 @@ class Composer:
         self._map_steps += 1
 
     def mean_weights(self) -> torch.Tensor | None:
-        """Weights averaged over the recorded calls, ``[N, B, H, W]`` (None before any)."""
+        """Weights averaged over the recorded calls, ``[N, B, H, W]`` on the CPU (None before any)."""
         if self._map_sum is None:
             return None
-        return self._map_sum / self._map_steps
+        return (self._map_sum / self._map_steps).cpu()

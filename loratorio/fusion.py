@@ -24,6 +24,35 @@ The steps, numbered as the rest of the code cites them:
 9. (host) ``uncond + s * (cond - uncond)``;
 10. guidance-distilled models have no unconditional pass: only 1-7 apply.
 
+Beyond the paper's step (keyword options of :func:`compose`; the defaults are the
+paper's step exactly):
+
+- ``descriptor = "channels"`` (step 1): patch vectors keep the channels instead of
+  averaging them, so a change carried by the balance between channels (a hue) counts;
+- ``descriptor = "activity"`` (steps 1-2): the "similarity" of LoRA ``i`` in a patch is
+  minus the size of its difference from the base there, relative to its mean size over
+  the image: ``-|lora_i - base|_patch / mean(|lora_i - base|)``. It depends only on
+  differences of predictions, so it is the same in both prediction forms (differences
+  of denoised estimates are differences of noise predictions times ``-sigma``);
+- ``centred = True`` (after step 2): each LoRA's similarity minus its mean over the
+  image's patches, so a LoRA that differs from the base everywhere (a style, a
+  background) no longer wins every patch: each LoRA wins where it differs more than it
+  usually does;
+- ``mix = "delta"`` (steps 7-8): ``base + sum_i g_i (lora_i - base)`` with gates
+  ``g_i = w_i / max_j w_j`` (the patch's winner acts in full, the others in proportion
+  to their SoftMin weight): the gates need not sum to one, so LoRAs that change
+  different things in the same patch all keep their change, as in a merge, while a
+  LoRA that loses a patch clearly is held back there;
+- ``mix = "sum"``: every (top-k selected) LoRA's difference in full, the output-space
+  counterpart of a merge computed on isolated branches.
+
+For the delta mixes the unconditional side is ``base_uncond + lambda * sum_i g_i
+(lora_uncond_i - base_uncond)``; with ``lambda = 1`` the negative prediction carries the
+LoRAs' unconditional change with the same gates, so guidance amplifies only what the
+prompt adds (as with merged weights), not the LoRAs' whole change. Every mix is affine
+(its coefficients on the predictions sum to one per pixel, ``1 - sum g`` going to the
+base), so mixing denoised estimates and mixing noise predictions give the same step.
+
 Prediction forms. Hosts give either *denoised* estimates (k-diffusion and Forge
 samplers) or *noise* predictions (eps or velocity, A1111's DDIM/PLMS/UniPC). With ``x``
 given, predictions are treated as denoised and the similarity uses the residual
@@ -41,9 +70,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Composition", "compose", "patch_similarity", "softmin_weights", "temperature"]
+__all__ = ["DESCRIPTORS", "METHODS", "MIXES", "Composition", "compose", "method_options", "patch_similarity",
+           "softmin_weights", "temperature"]
 
 _NORM_EPS = 1e-8
+#: Step-1 descriptors: the paper's channel mean, channels kept, relative difference size.
+DESCRIPTORS = ("mean", "channels", "activity")
+#: Steps 7-8: the paper's convex mix, gated differences, all differences in full.
+MIXES = ("convex", "delta", "sum", "resolve")
+
+#: Named composition methods: the :func:`compose` options each one sets. ``paper`` is
+#: the step of docs/method.md exactly.
+METHODS: dict[str, dict] = {
+    "paper": {},
+    "resolve": {"descriptor": "activity", "mix": "resolve"},
+}
+
+
+def method_options(method: str) -> dict:
+    """The :func:`compose` keyword options of a named method (a copy)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown composition method {method!r}; known: {', '.join(METHODS)}")
+    return dict(METHODS[method])
 
 
 @dataclass(frozen=True)
@@ -52,8 +100,9 @@ class Composition:
 
     ``cond`` and ``uncond`` are in the prediction form and dtype that were given
     (``uncond`` is None when no base unconditional prediction was given); ``weights``
-    holds the per-pixel LoRA weights ``[N, B, 1, H, W]`` in float32, summing to one over
-    ``N`` at every pixel.
+    holds the per-pixel LoRA weights ``[N, B, 1, H, W]`` in float32: for the convex mix
+    they sum to one over ``N`` at every pixel, for the delta mixes they are the gates in
+    [0, 1] (how much of each LoRA's difference from the base acts there).
     """
 
     cond: torch.Tensor
@@ -76,6 +125,18 @@ def _channel_mean_residual(pred: torch.Tensor, x: torch.Tensor | None) -> torch.
     return pred.mean(dim=-3)
 
 
+def _channel_residual(pred: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """Noise-like residual with the channels kept, in float32 (``[..., C, H, W]``)."""
+    pred = pred.float()
+    return x.float() - pred if x is not None else pred
+
+
+def _channel_patch_vectors(desc: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[..., C, H, W]`` -> ``[..., Ph, Pw, C*p*p]`` (channels kept, zero padded like :func:`_patch_vectors`)."""
+    vec = _patch_vectors(desc, patch_size)  # [..., C, Ph, Pw, p*p]
+    return vec.movedim(-4, -2).flatten(-2)
+
+
 def _patch_vectors(desc: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``[..., H, W]`` -> ``[..., Ph, Pw, p*p]``, zero padded at the bottom/right edge."""
     h, w = desc.shape[-2:]
@@ -94,19 +155,37 @@ def patch_similarity(
     *,
     x: torch.Tensor | None = None,
     patch_size: int = 2,
+    descriptor: str = "mean",
+    centred: bool = False,
 ) -> torch.Tensor:
-    """Steps 1-2: cosine similarity of each LoRA to the base, per patch.
+    """Steps 1-2: how similar each LoRA is to the base, per patch (lower = the LoRA owns it more).
 
     ``base`` is ``[B, C, H, W]`` and ``lora`` ``[N, B, C, H, W]``, both denoised
     estimates when ``x`` is given (the residual ``x - pred`` is compared) and noise-like
-    otherwise. Returns float32 ``[N, B, Ph, Pw]`` with ``Ph = ceil(H / p)``.
+    otherwise. ``descriptor = "mean"`` is the paper's cosine of channel-averaged
+    residuals, ``"channels"`` the cosine with channels kept, ``"activity"`` minus the
+    LoRA's difference from the base relative to its image mean (form-independent; see
+    the module docstring). ``centred`` subtracts each LoRA's mean over the image's
+    patches. Returns float32 ``[N, B, Ph, Pw]`` with ``Ph = ceil(H / p)``.
     """
-    base_vec = _patch_vectors(_channel_mean_residual(base, x), patch_size)
-    lora_vec = _patch_vectors(_channel_mean_residual(lora, x), patch_size)
-    dot = (lora_vec * base_vec).sum(-1)
-    base_norm = base_vec.norm(dim=-1).clamp_min(_NORM_EPS)
-    lora_norm = lora_vec.norm(dim=-1).clamp_min(_NORM_EPS)
-    return dot / (base_norm * lora_norm)
+    if descriptor == "activity":
+        diff = _channel_patch_vectors(lora.float() - base.float().unsqueeze(0), patch_size)
+        size = diff.norm(dim=-1)
+        sim = -size / size.mean(dim=(-2, -1), keepdim=True).clamp_min(_NORM_EPS)
+    else:
+        if descriptor == "channels":
+            base_vec = _channel_patch_vectors(_channel_residual(base, x), patch_size)
+            lora_vec = _channel_patch_vectors(_channel_residual(lora, x), patch_size)
+        else:
+            base_vec = _patch_vectors(_channel_mean_residual(base, x), patch_size)
+            lora_vec = _patch_vectors(_channel_mean_residual(lora, x), patch_size)
+        dot = (lora_vec * base_vec).sum(-1)
+        base_norm = base_vec.norm(dim=-1).clamp_min(_NORM_EPS)
+        lora_norm = lora_vec.norm(dim=-1).clamp_min(_NORM_EPS)
+        sim = dot / (base_norm * lora_norm)
+    if centred:
+        sim = sim - sim.mean(dim=(-2, -1), keepdim=True)
+    return sim
 
 
 def softmin_weights(similarity: torch.Tensor, *, step: int, temperature_scale: float, top_k: int = 0) -> torch.Tensor:
@@ -149,7 +228,8 @@ def _check_shape(name: str, tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
 
 
-def _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_size, temperature_scale, recenter, top_k):
+def _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_size, temperature_scale, recenter, top_k,
+              descriptor="mean", mix="convex"):
     if not isinstance(base_cond, torch.Tensor) or base_cond.dim() != 4:
         shape = list(base_cond.shape) if isinstance(base_cond, torch.Tensor) else type(base_cond).__name__
         raise ValueError(f"base_cond must be a [B, C, H, W] tensor, got {shape}")
@@ -178,6 +258,10 @@ def _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_siz
         raise ValueError(f"temperature_scale must be a finite number > 0, got {temperature_scale!r}")
     if isinstance(recenter, bool) or not isinstance(recenter, numbers.Real) or not 0.0 <= recenter <= 1.0:
         raise ValueError(f"recenter must be a number in [0, 1], got {recenter!r}")
+    if descriptor not in DESCRIPTORS:
+        raise ValueError(f"descriptor must be one of {', '.join(DESCRIPTORS)}, got {descriptor!r}")
+    if mix not in MIXES:
+        raise ValueError(f"mix must be one of {', '.join(MIXES)}, got {mix!r}")
     if base_uncond is not None and lora_uncond is None and recenter != 0:
         raise ValueError(f"lora_uncond is required when recenter > 0 (recenter = {recenter!r}); "
                          "pass it or set recenter = 0")
@@ -187,6 +271,39 @@ def _mix(weights: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
     """Steps 7-8: ``sum_i w_i * pred_i`` (``[N, B, 1, H, W]`` x ``[N, B, C, H, W]``), at least float32."""
     dtype = torch.promote_types(preds.dtype, torch.float32)
     return (weights.to(dtype) * preds.to(dtype)).sum(0)
+
+
+def _mix_delta(gates: torch.Tensor, base: torch.Tensor, preds: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """``base + strength * sum_i g_i (pred_i - base)``, at least float32; either prediction form (affine)."""
+    dtype = torch.promote_types(preds.dtype, torch.float32)
+    base = base.to(dtype)
+    return base + strength * (gates.to(dtype) * (preds.to(dtype) - base)).sum(0)
+
+
+def _conflict_gates(weights: torch.Tensor, base: torch.Tensor, lora: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``resolve`` gates ``[N, B, Ph, Pw]``: a LoRA keeps its whole difference unless another LoRA pushes the
+    same patch the opposite way and owns the patch more (by the SoftMin ``weights``).
+
+    ``g_i = 1 - max_j conflict_ij * w_j / (w_i + w_j)`` with ``conflict_ij = max(0, -cos(d_i, d_j))`` of the
+    LoRAs' differences from the base in the patch (channels kept; the same in both prediction forms).
+    """
+    diff = _channel_patch_vectors(lora.float() - base.float().unsqueeze(0), patch_size)  # [N, B, Ph, Pw, D]
+    unit = diff / diff.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+    conflict = (-torch.einsum("ibhwd,jbhwd->ijbhw", unit, unit)).clamp_min(0)
+    n = weights.shape[0]
+    conflict = conflict * (1 - torch.eye(n, dtype=conflict.dtype, device=conflict.device))[:, :, None, None, None]
+    share = weights.unsqueeze(0) / (weights.unsqueeze(0) + weights.unsqueeze(1)).clamp_min(
+        torch.finfo(weights.dtype).tiny)  # [i, j]: w_j / (w_i + w_j)
+    return 1 - (conflict * share).amax(dim=1)
+
+
+def _gates(weights: torch.Tensor, mix: str, top_k: int) -> torch.Tensor:
+    """Delta-mix gates from the patch weights ``[N, B, Ph, Pw]`` (see the module docstring)."""
+    if mix == "sum":
+        if 0 < top_k < weights.shape[0]:
+            return (weights > 0).float()
+        return torch.ones_like(weights)
+    return weights / weights.amax(dim=0, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 def compose(
@@ -201,6 +318,9 @@ def compose(
     temperature_scale: float = 10.0,
     recenter: float = 0.5,
     top_k: int = 0,
+    descriptor: str = "mean",
+    centred: bool = False,
+    mix: str = "convex",
 ) -> Composition:
     """Compose N LoRA branches for one denoising step (steps 1-8).
 
@@ -212,14 +332,33 @@ def compose(
     then the returned uncond is ``base_uncond`` itself. The similarity is computed in
     float32; ``cond``/``uncond`` come back in the input dtype.
 
+    ``descriptor``, ``centred`` and ``mix`` choose the steps beyond the paper (module
+    docstring); their defaults give the paper's step exactly.
+
     Raises ``ValueError`` naming the argument for wrong shapes, N = 0, ``patch_size < 1``,
-    negative ``step``, ``temperature_scale <= 0``, ``recenter`` outside [0, 1] or
-    ``top_k < 0``.
+    negative ``step``, ``temperature_scale <= 0``, ``recenter`` outside [0, 1],
+    ``top_k < 0`` or an unknown ``descriptor`` / ``mix``.
     """
-    _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_size, temperature_scale, recenter, top_k)
+    _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_size, temperature_scale, recenter, top_k,
+              descriptor, mix)
     height, width = base_cond.shape[-2:]
-    similarity = patch_similarity(base_cond, lora_cond, x=x, patch_size=patch_size)
+    similarity = patch_similarity(base_cond, lora_cond, x=x, patch_size=patch_size, descriptor=descriptor,
+                                  centred=bool(centred))
     patch_weights = softmin_weights(similarity, step=step, temperature_scale=temperature_scale, top_k=top_k)
+    if mix != "convex":
+        if mix == "resolve":
+            patch_gates = _conflict_gates(patch_weights, base_cond, lora_cond, patch_size)
+            if 0 < top_k < patch_weights.shape[0]:
+                patch_gates = patch_gates * (patch_weights > 0)  # step 5: only the selected LoRAs act
+        else:
+            patch_gates = _gates(patch_weights, mix, top_k)
+        gates = _upsample(patch_gates, patch_size, height, width)
+        cond = _mix_delta(gates, base_cond, lora_cond).to(base_cond.dtype)
+        uncond = None
+        if base_uncond is not None:
+            uncond = base_uncond if recenter == 0 else _mix_delta(
+                gates, base_uncond, lora_uncond, recenter).to(base_uncond.dtype)
+        return Composition(cond=cond, uncond=uncond, weights=gates)
     weights = _upsample(patch_weights, patch_size, height, width)
 
     cond = _mix(weights, lora_cond).to(base_cond.dtype)

@@ -46,6 +46,8 @@ Flow of one generation (host code in brackets)::
 from __future__ import annotations
 
 import copy
+import html
+import json
 import math
 import os
 import threading
@@ -55,6 +57,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .fusion import METHODS
 from .lora import Dense, LowRank, OutputSlice, pieces
 from .settings import INFOTEXT_KEYS, LABELS, UI_ORDER, Settings, SettingsError, join_names
 from .tags import LoraTag, TagParse, parse_lora_tags
@@ -79,6 +82,8 @@ __all__ = [
     "refusal_text",
     "report_after_images",
     "scaled_set",
+    "show_report",
+    "show_under_images",
     "truncate_rank",
 ]
 
@@ -663,10 +668,7 @@ class GenerationState:
         """A fresh :class:`loratorio.engine.Composer` for a batch of images (or a new sampling pass)."""
         from .engine import Composer
 
-        s = self.settings
-        self.composer = Composer(self.names, recenter=s.recenter, temperature_scale=s.temperature_scale,
-                                 patch_size=s.patch_size, top_k=s.top_k, probe_every=s.probe_every,
-                                 record_map=s.composition_map)
+        self.composer = Composer.from_settings(self.names, self.settings)
         return self.composer
 
     def record_map(self, rows: Sequence[int] | None = None) -> None:
@@ -797,19 +799,17 @@ def stop_generation(p, state: GenerationState | None, exc: BaseException, where:
     _interrupt_job()
 
 
-def report_after_images(p, processed, exc: BaseException, step: str, comment: Callable[[object, str], None]) -> str:
+def report_after_images(p, processed, exc: BaseException, step: str) -> str:
     """Report an error of the last hook (``postprocess``), when the images are already made.
 
     The generation is not stopped (nothing is left to stop) and its images are kept; the
-    error goes to the console with its traceback, the UI comments (the processed result's,
-    which the UI shows, and the processing object's) and the infotext note of later
-    reads of ``p.extra_generation_params``. Returns the message.
+    error goes to the console with its traceback, under the images (:func:`show_under_images`)
+    and into the infotext note of later reads of ``p.extra_generation_params``. Returns the
+    message.
     """
     text = f"LoRAtorio: {step} failed after the images were made: {type(exc).__name__}: {exc}"
     _report_error(text)
-    comment(p, text)
-    if isinstance(getattr(processed, "comments", None), str):
-        processed.comments = (processed.comments + "\n" + text) if processed.comments else text
+    show_under_images(p, processed, text)
     params = getattr(p, "extra_generation_params", None)
     if isinstance(params, dict):
         note = INFOTEXT_KEYS["note"]
@@ -829,10 +829,45 @@ def tags_of(prompt: str) -> list[LoraTag]:
 
 
 def comment(p, text: str) -> None:
-    """Show ``text`` under the generated images (the processing object's comments)."""
+    """Add ``text`` to the processing object's comments, which the UI shows under the images.
+
+    Only from a hook that runs before the WebUI builds its result (``process`` up to
+    ``postprocess_batch``); from ``postprocess`` use :func:`show_under_images`.
+    """
     fn = getattr(p, "comment", None)
     if callable(fn):
         fn(text)
+
+
+def show_under_images(p, processed, text: str) -> None:
+    """Show ``text`` under the images from ``postprocess``, once.
+
+    The WebUI copies ``p.comments`` into the result's ``comments`` string (what the UI
+    shows) when it builds the result, and runs the scripts' ``postprocess`` only after
+    that (A1111 1.6-1.10 ``processing.py``: ``Processed.__init__`` :525, built at :1137,
+    ``postprocess`` at :1148; Forge the same at :528, :1144, :1156). So a line written
+    here goes into the result itself; ``p.comments`` gets it too, for code that reads it.
+    """
+    comment(p, text)
+    shown = getattr(processed, "comments", None)
+    if not isinstance(shown, str) or text in shown.splitlines():
+        return
+    if shown and not shown.endswith("\n"):
+        shown += "\n"
+    processed.comments = f"{shown}{text}\n"
+
+
+def show_report(p, processed, state: GenerationState) -> None:
+    """``postprocess``: the generation's report (composed, skipped, dropped, notes) under the images.
+
+    Not for a generation LoRAtorio refused or stopped: that line was shown when it
+    happened, and the infotext has the rest.
+    """
+    if state.refused is not None or state.error is not None:
+        return
+    report = state.report()
+    if report:
+        show_under_images(p, processed, report)
 
 
 def usable(state: GenerationState | None) -> bool:
@@ -943,7 +978,7 @@ CACHE_DEFAULT_MB = 1024
 OPTION_KEYS: dict[str, str] = {
     name: f"loratorio_default_{name}"
     for name in ("recenter", "temperature_scale", "patch_size", "top_k", "probe_every",
-                 "text_encoder_per_branch", "composition_map", "max_rows_per_call")
+                 "text_encoder_per_branch", "composition_map", "max_rows_per_call", "method")
 }
 XYZ_PREFIX = "[LoRAtorio] "
 OVERRIDES_ATTR = "loratorio_overrides"  # set on the processing object by XYZ axes
@@ -985,6 +1020,31 @@ def settings_for(p, args: Sequence, opts) -> Settings:
     return settings
 
 
+# minimum, maximum, step of each slider, in the accordion and on the settings page
+SLIDER_RANGES: dict[str, tuple[float, float, float]] = {
+    "recenter": (0.0, 1.0, 0.05),
+    "temperature_scale": (0.5, 100.0, 0.5),
+    "patch_size": (1, 16, 1),
+    "top_k": (0, 16, 1),
+    "probe_every": (1, 20, 1),
+    "max_rows_per_call": (0, 64, 1),
+}
+# What a 0 means, where the label has no room for it (the settings page shows it under the label).
+ZERO_MEANS = {"top_k": "0 = all LoRAs share every patch", "max_rows_per_call": "0 = no limit (all rows in one call)"}
+LORA_LISTS = ("pool", "merge_into_base")  # multiselect dropdowns of LoRA names, with a refresh button
+SWITCHES = ("text_encoder_per_branch", "composition_map")
+# The accordion's rows, one kind of control each. Two per row keep every label on one line
+# in the WebUI's default column width, so the controls of a row line up.
+UI_ROWS = (
+    ("method",),
+    ("recenter", "temperature_scale"),
+    ("patch_size", "top_k"),
+    ("probe_every", "max_rows_per_call"),
+    LORA_LISTS,
+    SWITCHES,
+)
+
+
 def register_options(shared) -> None:
     """The "LoRAtorio" section of the WebUI settings: defaults of the UI and the cache bound."""
     import gradio as gr
@@ -1000,21 +1060,41 @@ def register_options(shared) -> None:
 
     add(CACHE_OPTION, CACHE_DEFAULT_MB, "LoRA weight cache (MB)", gr.Number, {"precision": 0, "minimum": 0},
         "LoRAs loaded for composition stay in memory across generations up to this size; 0 = load every time")
-    add(OPTION_KEYS["recenter"], d.recenter, "Default " + LABELS["recenter"], gr.Slider,
-        {"minimum": 0.0, "maximum": 1.0, "step": 0.05})
-    add(OPTION_KEYS["temperature_scale"], d.temperature_scale, "Default " + LABELS["temperature_scale"], gr.Slider,
-        {"minimum": 0.5, "maximum": 100.0, "step": 0.5})
-    add(OPTION_KEYS["patch_size"], d.patch_size, "Default " + LABELS["patch_size"], gr.Slider,
-        {"minimum": 1, "maximum": 16, "step": 1})
-    add(OPTION_KEYS["top_k"], d.top_k, "Default " + LABELS["top_k"], gr.Slider,
-        {"minimum": 0, "maximum": 16, "step": 1})
-    add(OPTION_KEYS["probe_every"], d.probe_every, "Default " + LABELS["probe_every"], gr.Slider,
-        {"minimum": 1, "maximum": 20, "step": 1})
-    add(OPTION_KEYS["text_encoder_per_branch"], d.text_encoder_per_branch,
-        "Default " + LABELS["text_encoder_per_branch"], gr.Checkbox)
-    add(OPTION_KEYS["composition_map"], d.composition_map, "Default " + LABELS["composition_map"], gr.Checkbox)
-    add(OPTION_KEYS["max_rows_per_call"], d.max_rows_per_call, "Default " + LABELS["max_rows_per_call"], gr.Number,
-        {"precision": 0, "minimum": 0})
+    for name, (minimum, maximum, step) in SLIDER_RANGES.items():
+        add(OPTION_KEYS[name], getattr(d, name), "Default " + LABELS[name], gr.Slider,
+            {"minimum": minimum, "maximum": maximum, "step": step}, ZERO_MEANS.get(name))
+    for name in SWITCHES:
+        add(OPTION_KEYS[name], getattr(d, name), "Default " + LABELS[name], gr.Checkbox)
+    add(OPTION_KEYS["method"], d.method, "Default " + LABELS["method"], gr.Radio, {"choices": list(METHODS)},
+        "paper = the published LoRAtorio step exactly; the README compares the methods")
+
+
+KNOWN_LORAS_ATTR = "data-loratorio-loras"
+
+
+def tag_names(lora_names: Callable[[], list[str]]) -> list[str]:
+    """Every name a ``<lora:...>`` tag can use: the LoRA list plus the aliases the built-in LoRA accepts.
+
+    Both WebUIs' built-in LoRA module is importable as ``networks``; an alias another file
+    also uses is "forbidden" there and resolves by file name only.
+    """
+    try:
+        names = set(lora_names())
+    except Exception:  # a broken LoRA folder must not take the UI down
+        names = set()
+    try:
+        import networks
+
+        forbidden = getattr(networks, "forbidden_network_aliases", {})
+        names.update(a for a in networks.available_network_aliases if a.lower() not in forbidden)
+    except Exception:
+        pass
+    return sorted(names)
+
+
+def known_loras_html(names: Sequence[str]) -> str:
+    """The hidden element the page script reads the known LoRA names from (to mark unknown tags)."""
+    return f'<div {KNOWN_LORAS_ATTR}="{html.escape(json.dumps(list(names)), quote=True)}"></div>'
 
 
 def build_ui(script, is_img2img: bool, defaults: Settings, lora_names: Callable[[], list[str]],
@@ -1022,8 +1102,9 @@ def build_ui(script, is_img2img: bool, defaults: Settings, lora_names: Callable[
     """The accordion and its components, in ``UI_ORDER``; also sets the script's paste fields.
 
     Element ids: ``loratorio_<tab>`` for the accordion, ``loratorio_<tab>_<field>`` for
-    each component (tab = txt2img / img2img). Free of side effects beyond the script's
-    own attributes (the API calls ``ui()`` to read the defaults).
+    each component (tab = txt2img / img2img), ``loratorio_<tab>_known_loras`` for the
+    hidden list of LoRA names the header summary checks tags against. Free of side
+    effects beyond the script's own attributes (the API calls ``ui()`` to read the defaults).
     """
     import gradio as gr
     from modules.ui_components import InputAccordion
@@ -1033,55 +1114,66 @@ def build_ui(script, is_img2img: bool, defaults: Settings, lora_names: Callable[
     def eid(name: str) -> str:
         return f"loratorio_{tab}_{name}"
 
+    def control(name: str):
+        """The component of one setting, by its kind."""
+        label, elem_id = LABELS[name], eid(name)
+        if name in SLIDER_RANGES:
+            minimum, maximum, step = SLIDER_RANGES[name]
+            return gr.Slider(minimum, maximum, value=getattr(defaults, name), step=step, label=label, elem_id=elem_id)
+        if name in LORA_LISTS:
+            return gr.Dropdown(choices=names, value=[], multiselect=True, label=label, elem_id=elem_id)
+        if name == "method":
+            return gr.Radio(choices=list(METHODS), value=defaults.method, label=label, elem_id=elem_id)
+        return gr.Checkbox(value=getattr(defaults, name), label=label, elem_id=elem_id)
+
     try:
         names = list(lora_names())
     except Exception:  # a broken LoRA folder must not take the UI down
         names = []
+    components: dict = {}
     with InputAccordion(False, label=LABELS["enabled"], elem_id=f"loratorio_{tab}") as enabled:
-        with gr.Row():
-            recenter = gr.Slider(0.0, 1.0, value=defaults.recenter, step=0.05, label=LABELS["recenter"],
-                                 elem_id=eid("recenter"))
-            temperature_scale = gr.Slider(0.5, 100.0, value=defaults.temperature_scale, step=0.5,
-                                          label=LABELS["temperature_scale"], elem_id=eid("temperature_scale"))
-        with gr.Row():
-            patch_size = gr.Slider(1, 16, value=defaults.patch_size, step=1, label=LABELS["patch_size"],
-                                   elem_id=eid("patch_size"))
-            top_k = gr.Slider(0, 16, value=defaults.top_k, step=1, label=LABELS["top_k"], elem_id=eid("top_k"))
-            probe_every = gr.Slider(1, 20, value=defaults.probe_every, step=1, label=LABELS["probe_every"],
-                                    elem_id=eid("probe_every"))
-        with gr.Row():
-            text_encoder_per_branch = gr.Checkbox(value=defaults.text_encoder_per_branch,
-                                                  label=LABELS["text_encoder_per_branch"],
-                                                  elem_id=eid("text_encoder_per_branch"))
-            composition_map = gr.Checkbox(value=defaults.composition_map, label=LABELS["composition_map"],
-                                          elem_id=eid("composition_map"))
-            max_rows_per_call = gr.Number(value=defaults.max_rows_per_call, precision=0,
-                                          label=LABELS["max_rows_per_call"], elem_id=eid("max_rows_per_call"))
-        with gr.Row():
-            pool = gr.Dropdown(choices=names, value=[], multiselect=True, label=LABELS["pool"], elem_id=eid("pool"))
-            merge_into_base = gr.Dropdown(choices=names, value=[], multiselect=True, label=LABELS["merge_into_base"],
-                                          elem_id=eid("merge_into_base"))
-            if refresh is not None:
-                try:
-                    from modules.ui_common import create_refresh_button
+        components["enabled"] = enabled
+        known = gr.HTML(value=known_loras_html(tag_names(lora_names)), elem_id=eid("known_loras"),
+                        elem_classes=["loratorio-known-loras"])
+        for row in UI_ROWS:
+            with gr.Row():
+                components.update({name: control(name) for name in row})
+                if row == LORA_LISTS:
+                    _add_refresh_button([components[n] for n in row], known, refresh, lora_names, eid("refresh"))
 
-                    def refreshed():
-                        refresh()
-                        return {"choices": list(lora_names())}
-
-                    create_refresh_button([pool, merge_into_base], refresh, refreshed, eid("refresh"))
-                except Exception:  # older WebUIs: the dropdowns still work, just without refresh
-                    pass
-
-    components = {
-        "enabled": enabled, "recenter": recenter, "temperature_scale": temperature_scale, "patch_size": patch_size,
-        "top_k": top_k, "probe_every": probe_every, "text_encoder_per_branch": text_encoder_per_branch,
-        "pool": pool, "merge_into_base": merge_into_base, "composition_map": composition_map,
-        "max_rows_per_call": max_rows_per_call,
-    }
     script.infotext_fields = paste_fields(components)
     script.paste_field_names = [INFOTEXT_KEYS[n] for n in UI_ORDER if n not in ("enabled", "pool", "merge_into_base")]
     return [components[name] for name in UI_ORDER]
+
+
+def _add_refresh_button(dropdowns: list, known, refresh: Callable[[], None] | None,
+                        lora_names: Callable[[], list[str]], elem_id: str) -> None:
+    """The WebUI's refresh button for the LoRA lists: one rescan updates both dropdowns and the known names.
+
+    Built as the WebUI's ``create_refresh_button`` builds its own, with the hidden list of
+    known names as one more output (a second listener on that button could read the old
+    list while the rescan is still running). Skipped without ``refresh`` or on a WebUI
+    without these helpers: the dropdowns still work, just without refresh.
+    """
+    if refresh is None:
+        return
+    try:
+        import gradio as gr
+        from modules.ui_common import refresh_symbol
+        from modules.ui_components import ToolButton
+    except Exception:
+        return
+
+    def refreshed():
+        refresh()
+        choices = list(lora_names())
+        known.value = known_loras_html(tag_names(lora_names))
+        for dropdown in dropdowns:  # later page loads start from the new lists too
+            dropdown.choices = choices
+        return [*(gr.update(choices=choices) for _ in dropdowns), known.value]
+
+    button = ToolButton(value=refresh_symbol, elem_id=elem_id, tooltip="Refresh the LoRA lists")
+    button.click(fn=refreshed, inputs=[], outputs=[*dropdowns, known])
 
 
 def paste_fields(components: Mapping) -> list[tuple]:
@@ -1092,7 +1184,9 @@ def paste_fields(components: Mapping) -> list[tuple]:
     """
     fields: list[tuple] = [(components["enabled"], lambda d: Settings.from_infotext(d)["enabled"])]
     for name in UI_ORDER[1:]:
-        if name in ("pool", "merge_into_base"):
+        if name in ("pool", "merge_into_base", "method"):
+            # parsed values: lists from their joined form; an image from before the method
+            # setting was composed by the paper's step, which its text does not name
             fields.append((components[name], _list_getter(name)))
         else:
             fields.append((components[name], INFOTEXT_KEYS[name]))
@@ -1134,5 +1228,6 @@ def register_xyz_axes(scripts_data) -> bool:
         module.AxisOption(XYZ_PREFIX + LABELS["temperature_scale"], float, setter("temperature_scale", float)),
         module.AxisOption(XYZ_PREFIX + LABELS["patch_size"], int, setter("patch_size", int)),
         module.AxisOption(XYZ_PREFIX + "Top-k", int, setter("top_k", int)),
+        module.AxisOption(XYZ_PREFIX + LABELS["method"], str, setter("method", str), choices=lambda: list(METHODS)),
     ])
     return True

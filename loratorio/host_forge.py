@@ -5,16 +5,21 @@ function* instead (``backend/sampling/sampling_function.py:314-317``). Per sampl
 (``process_before_every_sampling``, hires fix included) this module clones the UNet
 patcher, registers
 
-- a conditioning modifier that only records the CFG scale of the call,
-- a post-CFG function that, at every denoising step, runs the LoRA branches through
-  Forge's own ``calc_cond_uncond_batch`` with the compiled conds it receives (so
-  ControlNet and other cond patches apply to the branches too), fuses them with the
-  base predictions (method steps 1-8) and returns the guided result,
+- a conditioning modifier that records the CFG scale and prepares the step: where it
+  can, it hands Forge ``model_options`` with a ``model_function_wrapper`` that adds the
+  branch rows to Forge's own model call (one call per step: Forge's cond/uncond chunks,
+  then per branch a copy of each chunk's rows with the branch's own text), routes them
+  to their LoRAs inside that call only and gives Forge back its own rows,
+- a post-CFG function that fuses the branch predictions with the base predictions
+  (method steps 1-8) and returns the guided result. Where a host feature keeps the
+  branches out of Forge's call (a ControlNet, another extension's model-function
+  wrapper, an AND prompt, the max-rows setting, too little free memory: see
+  ``_fold_refusal``), it runs them through Forge's ``calc_cond_uncond_batch`` with the
+  compiled conds it receives, in calls of their own, as before,
 
-and assigns the clone back, as Forge's built-in PAG does. The branch rows of one model
-call are routed through per-row LoRA hooks (:mod:`loratorio.routing`) that a chained
-``model_function_wrapper`` switches on only around the branch calls: the base pass is
-never touched.
+and assigns the clone back, as Forge's built-in PAG does. The base rows are never
+routed: per-row LoRA hooks (:mod:`loratorio.routing`) touch only the branch rows, and
+exist only while a model call with branch rows runs.
 
 Forge's predictions are always *denoised* (x0) estimates, for every model family
 (``backend/modules/k_model.py:25-46``); fusion runs in that form with ``x``.
@@ -450,6 +455,33 @@ class PassContext:
     unet: object = None  # the clone carrying the LoRAtorio step
     calls: list = field(default_factory=list)  # (rows, branches) of every routed model call
     step_texts: dict = field(default_factory=dict)
+    fold: _Fold | None = None  # the current model call's branch rows inside Forge's own batch
+    post_cfg: Callable | None = None  # this pass's post-CFG function (to know whether it runs first)
+
+
+_COND, _UNCOND = 0, 1  # Forge's cond_or_uncond marks
+
+
+@dataclass
+class _Fold:
+    """Branch rows that ride in Forge's own model call of one denoiser evaluation.
+
+    Prepared by the conditioning modifier (which runs before Forge batches cond and
+    uncond), filled by the model-function wrapper when the call runs (``outputs[(j,
+    kind)]``: branch ``j``'s x0 rows for that chunk kind), read by the post-CFG function.
+    ``done`` holds the kinds already evaluated: a later call in the same step (another
+    extension's post-CFG pass) runs plain.
+    """
+
+    step: int
+    active: list[int]
+    batch: int
+    use_uncond: bool
+    texts: dict
+    outputs: dict = field(default_factory=dict)
+    done: set = field(default_factory=set)
+    closed: bool = False
+    error: BaseException | None = None
 
 
 def _spans(rows: int, group: Sequence[int], batch: int) -> list[list[slice]]:
@@ -606,30 +638,52 @@ def _post_cfg(ctx: PassContext, args: Mapping) -> torch.Tensor:
     # At CFG 1 Forge runs no uncond pass and uncond_pred is zeros (sampling_function.py:295-298).
     uncond_ran = uncond is not None and not (math.isclose(cond_scale, 1.0)
                                              and not opts.get("disable_cfg1_optimization", False))
-    step = pass_step(getattr(getattr(ctx.p, "sampler", None), "model_wrap_cfg", None))
-    active = composer.active(step)
+    fold, ctx.fold = ctx.fold, None
+    if fold is not None:
+        fold.closed = True  # later calls of this step (the branch calls below, if any) run plain
+        if fold.error is not None:
+            raise fold.error
+        step, active = fold.step, fold.active
+    else:
+        step = pass_step(getattr(getattr(ctx.p, "sampler", None), "model_wrap_cfg", None))
+        active = composer.active(step)
     if not active:
         return args["denoised"]
     use_uncond = uncond_ran and composer.needs_uncond
     if composer.needs_uncond and not uncond_ran:
         state.extra["steps_without_uncond"] = state.extra.get("steps_without_uncond", 0) + 1
     state.extra["steps"] = state.extra.get("steps", 0) + 1
-    ctx.step_texts = _compile_step_texts(ctx, cond, uncond if use_uncond else None, active)
-    try:
-        lora_cond = _run_branches(ctx, active, args, cond, "cond")
-        lora_uncond = _run_branches(ctx, active, args, uncond, "uncond") if use_uncond else None
-    finally:
-        ctx.step_texts = {}
+    folded = fold.outputs if fold is not None else {}
+    need = [("cond", _COND, cond)] + ([("uncond", _UNCOND, uncond)] if use_uncond else [])
+    preds = {}
+    for name, kind, conds in need:
+        if all((j, kind) in folded for j in active):
+            preds[name] = torch.stack([folded[(j, kind)] for j in active])
+            continue
+        # this kind did not ride in Forge's call (see _fold_refusal): the branches' own call
+        if not ctx.step_texts:
+            ctx.step_texts = (fold.texts if fold is not None else
+                              _compile_step_texts(ctx, cond, uncond if use_uncond else None, active))
+        try:
+            preds[name] = _run_branches(ctx, active, args, conds, name)
+        finally:
+            ctx.step_texts = {}
+    lora_cond, lora_uncond = preds["cond"], preds.get("uncond")
     res = composer.fuse(step=step, active=active, base_cond=cond_pred, lora_cond=lora_cond,
                         base_uncond=uncond_pred if uncond_ran else None, lora_uncond=lora_uncond, x=x)
     fused_uncond = res.uncond if uncond_ran else uncond_pred
     edit_strength = sum(item.get("strength", 1) for item in cond)
     base = _cfg(opts, x, sigma, model, cond_scale, edit_strength, cond_pred, uncond_pred)
     fused = _cfg(opts, x, sigma, model, cond_scale, edit_strength, res.cond, fused_uncond)
-    denoised = args["denoised"]
-    if torch.equal(base, denoised):
-        return fused
-    return denoised + (fused - base)  # keep what earlier post-CFG functions added
+    if _runs_first(ctx, opts):
+        return fused  # nothing ran before: Forge's CFG result is ``base`` itself
+    return args["denoised"] + (fused - base)  # keep what earlier post-CFG functions added
+
+
+def _runs_first(ctx: PassContext, opts: Mapping) -> bool:
+    """Whether this pass's post-CFG function is the first Forge runs (no earlier one changed the CFG result)."""
+    functions = opts.get("sampler_post_cfg_function") or []
+    return bool(functions) and ctx.post_cfg is not None and functions[0] is ctx.post_cfg
 
 
 def make_post_cfg(ctx: PassContext) -> Callable[[dict], torch.Tensor]:
@@ -657,13 +711,194 @@ def make_post_cfg(ctx: PassContext) -> Callable[[dict], torch.Tensor]:
 
 
 def make_scale_recorder(ctx: PassContext) -> Callable:
-    """A conditioning modifier (``sampling_function.py:359-360``) that records the CFG scale and changes nothing."""
+    """A conditioning modifier (``sampling_function.py:359-360``): records the CFG scale and prepares the step.
+
+    It runs before Forge batches cond and uncond: where the branch rows can join Forge's
+    own model call (:func:`_fold_refusal`), the ``model_options`` it returns carry a
+    model-function wrapper that adds them to that call. Conds, x and scale are unchanged.
+    """
 
     def record(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
         ctx.cond_scale = float(cond_scale)
+        ctx.fold = None
+        if ctx.closed or not hc.usable(ctx.state) or ctx.state.composer is None:
+            return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+        try:
+            model_options = _prepare_fold(ctx, model, x, uncond, cond, float(cond_scale), model_options)
+        except Exception as exc:
+            ctx.closed = True
+            _fail(ctx.p, ctx.state, exc, "preparing a step")
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
     return record
+
+
+def _uncond_runs(opts: Mapping, uncond, cond_scale: float) -> bool:
+    """Whether Forge evaluates the uncond rows (no CFG-1 optimisation, ``sampling_function.py:295-298``)."""
+    return uncond is not None and not (math.isclose(cond_scale, 1.0)
+                                       and not opts.get("disable_cfg1_optimization", False))
+
+
+def _fold_refusal(ctx: PassContext, model, x: torch.Tensor, uncond, cond, opts: Mapping, rows: int) -> str | None:
+    """Why the branch rows cannot join Forge's own model call at this step (None: they can).
+
+    - another extension's ``model_function_wrapper`` (tiled diffusion, ...) may split or
+      rearrange the call's rows, so the branch rows keep a call of their own through it;
+    - a ControlNet computes its control from the call's rows before the model call
+      (``sampling_function.py:261-268``), for the base rows only;
+    - AND prompts: Forge's batch of several sub-prompt chunks does not say which chunk is
+      which sub-prompt, so a branch's own text could not be matched to it; area or mask
+      conds cover part of the latent;
+    - the max-rows setting, or Forge's free-memory estimate, does not allow the larger call.
+    """
+    if "model_function_wrapper" in opts:
+        return "another model-function wrapper"
+    parts = list(cond) + list(uncond or [])
+    if any(part.get("control") is not None for part in parts):
+        return "ControlNet"
+    if len(cond) != 1 or (uncond is not None and len(uncond) != 1):
+        return "AND prompt"
+    if any("area" in part or "mask" in part for part in parts):
+        return "area conditioning"
+    if ctx.max_rows > 0 and rows > ctx.max_rows:
+        return "more rows than max_rows_per_call"
+    estimate = getattr(model, "memory_required", None)
+    if estimate is not None and estimate([rows, *x.shape[1:]]) >= _forge().memory.get_free_memory(x.device):
+        return "not enough free memory"
+    return None
+
+
+def _prepare_fold(ctx: PassContext, model, x, uncond, cond, cond_scale: float, opts: Mapping):
+    """Set up :attr:`PassContext.fold` and return ``model_options`` with the wrapper that fills it (or unchanged)."""
+    state = ctx.state
+    composer = state.composer
+    step = pass_step(getattr(getattr(ctx.p, "sampler", None), "model_wrap_cfg", None))
+    active = composer.active(step)
+    if not active or state.router is None:
+        return opts
+    uncond_ran = _uncond_runs(opts, uncond, cond_scale)
+    use_uncond = uncond_ran and composer.needs_uncond
+    batch = int(x.shape[0])
+    kinds = 2 if uncond_ran else 1
+    rows = batch * kinds * (1 + len(active)) if use_uncond else batch * (kinds + len(active))
+    if _fold_refusal(ctx, model, x, uncond, cond, opts, rows):
+        return opts
+    texts = _compile_step_texts(ctx, cond, uncond if use_uncond else None, active)
+    ctx.fold = _Fold(step, active, batch, use_uncond, texts)
+    out = dict(opts)
+    out["model_function_wrapper"] = _fold_wrapper(ctx)
+    return out
+
+
+def _own_text(fold: _Fold, j: int, kind: int, key: str, like: torch.Tensor) -> torch.Tensor | None:
+    """Branch ``j``'s own ``key`` text rows for a chunk of ``kind`` laid out as ``like`` (None: the base rows)."""
+    own = fold.texts.get(j)
+    conds = None if own is None else own[kind]
+    if not conds:
+        return None
+    tensor = getattr(conds[0]["model_conds"].get(key), "cond", None)
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    tensor = tensor.to(like)
+    if tensor.shape[0] != like.shape[0]:
+        tensor = tensor.repeat(-(-like.shape[0] // tensor.shape[0]), *([1] * (tensor.dim() - 1)))[:like.shape[0]]
+    if tensor.dim() == 3 and tensor.shape[1] != like.shape[1]:
+        if like.shape[1] % tensor.shape[1]:
+            raise RoutingError(f"branch text of {tensor.shape[1]} tokens does not tile the call's {like.shape[1]}")
+        tensor = tensor.repeat(1, like.shape[1] // tensor.shape[1], 1)  # Forge pads cond/uncond to a common length
+    return tensor
+
+
+def _fold_wrapper(ctx: PassContext) -> Callable:
+    """The model-function wrapper that adds the branch rows to Forge's call and keeps their outputs.
+
+    The call's rows become ``[Forge's chunks | branch blocks]``: per active branch (in
+    order) one block of ``B`` rows per chunk of a kind it needs, each a copy of that
+    chunk's rows with the branch's own text. ``transformer_options`` describe the longer
+    batch (``cond_or_uncond``, indices, marks), so patches that act per chunk treat a
+    branch block as a chunk of its kind. The branch rows are routed to their LoRAs only
+    inside the call; Forge gets back its own rows.
+    """
+
+    def wrapper(apply_model, params):
+        fold = ctx.fold
+        x, t, c, marks = params["input"], params["timestep"], params["c"], list(params["cond_or_uncond"])
+        if fold is None or fold.closed or ctx.closed:
+            return apply_model(x, t, **c)
+        batch = fold.batch
+        n = int(x.shape[0])
+        if n != len(marks) * batch:
+            return apply_model(x, t, **c)  # not a layout this step prepared: its branches run apart
+        blocks = []
+        for j in fold.active:
+            for o, kind in enumerate(marks):
+                if kind in fold.done or (kind == _UNCOND and not fold.use_uncond):
+                    continue
+                blocks.append((j, kind, o))
+        if not blocks:
+            return apply_model(x, t, **c)
+        fold.done.update(kind for _, kind, _ in blocks)
+        picks = [slice(o * batch, (o + 1) * batch) for _, _, o in blocks]
+        x_ext = torch.cat([x, *(x[r] for r in picks)])
+        t_ext = torch.cat([t, *(t[r] for r in picks)])
+        c_ext = {}
+        for key, value in c.items():
+            if key == "transformer_options":
+                c_ext[key] = _extended_options(value, marks + [kind for _, kind, _ in blocks])
+            elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+                parts = [value]
+                for (j, kind, _o), r in zip(blocks, picks, strict=True):
+                    own = _own_text(fold, j, kind, key, value[r]) if key in _TEXT_CONDS else None
+                    parts.append(value[r] if own is None else own)
+                c_ext[key] = torch.cat(parts)
+            else:
+                c_ext[key] = value
+        n_adapters = len(ctx.state.branches)
+        rows: list = [None] * n_adapters
+        for i, (j, _kind, _o) in enumerate(blocks):
+            start = n + i * batch
+            rows[j] = slice(rows[j].start if rows[j] is not None else start, start + batch)
+        ctx.calls.append((int(x_ext.shape[0]), len(fold.active)))
+        errors: list = []  # an error of the routing itself: reported by the post-CFG function, Forge's rows stay exact
+        try:
+            with ctx.state.router.route(rows, errors=errors):
+                out = apply_model(x_ext, t_ext, **c_ext)
+        except Exception as exc:  # Forge's own call failed with our rows in it: say so, then it is Forge's error
+            ctx.closed = True
+            _fail(ctx.p, ctx.state, exc, "the model call with the branch rows")
+            raise
+        if errors:
+            fold.error = errors[0]
+        else:
+            for i, (j, kind, _o) in enumerate(blocks):
+                fold.outputs[(j, kind)] = out[n + i * batch:n + (i + 1) * batch]
+        return out[:n]
+
+    return wrapper
+
+
+def _extended_options(options, marks: list[int]):
+    """``transformer_options`` of the longer batch: the chunk marks and what Forge derives from them."""
+    if not isinstance(options, Mapping):
+        return options
+    out = dict(options)
+    out["cond_or_uncond"] = list(marks)
+    sigmas = out.get("sigmas")
+    if isinstance(sigmas, torch.Tensor):
+        sampling = _forge().sampling
+        per = int(sigmas.shape[0])
+        if "cond_mark" in out:
+            mark = getattr(sampling, "compute_cond_mark", None)
+            out["cond_mark"] = (mark(marks, sigmas) if mark is not None else
+                                torch.tensor([m for m in marks for _ in range(per)]).to(sigmas))
+        if "cond_indices" in out or "uncond_indices" in out:
+            indices = getattr(sampling, "compute_cond_indices", None)
+            if indices is not None:
+                out["cond_indices"], out["uncond_indices"] = indices(marks, sigmas)
+            else:
+                out["cond_indices"] = [i * per + r for i, m in enumerate(marks) if m == _COND for r in range(per)]
+                out["uncond_indices"] = [i * per + r for i, m in enumerate(marks) if m == _UNCOND for r in range(per)]
+    return out
 
 
 # -- per-branch text encoder --------------------------------------------------------------------
@@ -778,11 +1013,11 @@ def _peak_estimator(unet, ctx: PassContext, n_branches: int) -> Callable:
     previous = unet.model_options.get("memory_peak_estimation_modifier", unet.memory_required)
 
     def estimate(shape):
-        batch = max(1, int(shape[0]) // 2)
-        rows = n_branches * batch
+        # the base rows and every branch's rows in one call (at most max-rows rows when that is set)
+        rows = int(shape[0]) * (1 + n_branches)
         if ctx.max_rows > 0:
-            rows = max(batch, min(rows, ctx.max_rows))
-        return previous([max(int(shape[0]), rows), *shape[1:]])
+            rows = max(int(shape[0]), min(rows, ctx.max_rows))
+        return previous([rows, *shape[1:]])
 
     return estimate
 
@@ -795,7 +1030,8 @@ def install_pass(p, state: GenerationState, has_uncond: bool) -> PassContext:
                       source_unet=source, unet=unet)
     ctx.texts = _pass_texts(p, state, has_uncond)
     unet.add_conditioning_modifier(make_scale_recorder(ctx))
-    unet.set_model_sampler_post_cfg_function(make_post_cfg(ctx))
+    ctx.post_cfg = make_post_cfg(ctx)
+    unet.set_model_sampler_post_cfg_function(ctx.post_cfg)
     if hasattr(unet, "add_extra_preserved_memory_during_sampling"):
         # the routed factors sit on the device next to the model while it samples
         unet.add_extra_preserved_memory_during_sampling(
@@ -1005,14 +1241,12 @@ def postprocess(p, processed, *args) -> None:
     try:
         _release_pass(p, state)
         step = "writing the report"
-        report = state.report()
-        if report and (state.skipped or state.partial or state.refused or state.dropped or state.base_nonfinite):
-            hc.comment(p, report)
+        hc.show_report(p, processed, state)
         if state.maps and state.error is None:
             step = "adding the composition map"
             hc.append_maps(state, processed)
     except Exception as exc:  # the images are made; a failure here must not lose them
-        report_after_images(p, processed, exc, step, hc.comment)
+        report_after_images(p, processed, exc, step)
     finally:
         state.close()
         state.extra.pop("images", None)

@@ -234,8 +234,120 @@ def _group_delta(group: _Group, t: dict[str, torch.Tensor], x: torch.Tensor, m: 
     return out.reshape(rows, m, -1, *out.shape[2:]).transpose(0, 1).reshape(m * rows, -1, *out.shape[2:])
 
 
+# Factors expanded to one matrix per row (1x1 convs) are kept with the schedule only for up to
+# two rows per adapter (a B = 1 step's cond and uncond) and this many bytes: at most twice the
+# factors. Larger batches expand per call instead (a transient copy).
+_EXPAND_ROWS = 2
+_EXPAND_LIMIT = 8 << 20
+
+
+class _Job:
+    """One batched piece of work of a module forward: ``m`` adapters of ``group`` on ``rows``.
+
+    ``fast(x, out)`` is set where the form has a fused in-place path (low-rank linear,
+    1x1 low-rank conv): one matmul accumulating straight into the output rows when the
+    factors' product is the cheaper form, else two. It returns False when the output
+    cannot take the in-place update (another dtype, not contiguous); the general path
+    then runs. ``extra``: tensors prepared for the fused path, counted in the router's size.
+    """
+
+    __slots__ = ("extra", "fast", "group", "m", "rows", "stacks")
+
+    def __init__(self, group: _Group, rows: slice, m: int, stacks: dict[str, torch.Tensor]):
+        self.group, self.rows, self.m, self.stacks = group, rows, m, stacks
+        self.fast = None
+        self.extra: tuple[torch.Tensor, ...] = ()  # tensors prepared for the fused path (expanded factors)
+
+
+def _dense_is_cheaper(rank: int, c: int, o: int) -> bool:
+    """Whether the product ``down @ up`` (``c x o`` per adapter) costs no more than the factors (``r (c + o)``).
+
+    Then it is also no larger in memory, and one matmul replaces two (narrow layers, high ranks).
+    """
+    return c * o <= rank * (c + o)
+
+
+def _linear_fast(rows: slice, m: int, down_t: torch.Tensor, up_t: torch.Tensor):
+    """``out[rows] += x[rows] @ down @ up`` per adapter block, accumulated straight into the output rows.
+
+    One bmm and one baddbmm_; or a single baddbmm_ with the factors' product when that
+    is the cheaper form (:func:`_dense_is_cheaper`, product formed once here in at least
+    float32). Returns ``(run, tensors made here)``.
+    """
+    r, c, o = down_t.shape[2], down_t.shape[1], up_t.shape[2]
+    dtype = down_t.dtype
+    if _dense_is_cheaper(r, c, o):
+        wide = torch.promote_types(dtype, torch.float32)
+        w = torch.bmm(down_t.to(wide), up_t.to(wide)).to(dtype)  # [m, c, o]
+
+        def run(x: torch.Tensor, out: torch.Tensor) -> bool:
+            if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
+                return False
+            out[rows].view(m, -1, o).baddbmm_(x[rows].reshape(m, -1, c), w)
+            return True
+
+        return run, (w,)
+
+    def run_factors(x: torch.Tensor, out: torch.Tensor) -> bool:
+        if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
+            return False
+        out[rows].view(m, -1, o).baddbmm_(torch.bmm(x[rows].reshape(m, -1, c), down_t), up_t)
+        return True
+
+    return run_factors, ()
+
+
+def _pointwise_fast(rows: slice, m: int, down: torch.Tensor, up: torch.Tensor):
+    """1x1 low-rank conv on ``[m * n, C, H, W]`` rows as channel matmuls accumulated into the output.
+
+    The factors (or their product, where cheaper) are expanded to one matrix per row once
+    here (few rows, see ``_EXPAND_ROWS``), so a forward is one or two bmm with no per-call
+    copies of the factors.
+    """
+    n = (rows.stop - rows.start) // m
+    r, c, o = down.shape[1], down.shape[2], up.shape[1]
+    dtype = down.dtype
+    keep = n <= _EXPAND_ROWS
+    if _dense_is_cheaper(r, c, o) and keep and m * n * c * o * down.element_size() <= _EXPAND_LIMIT:
+        wide = torch.promote_types(dtype, torch.float32)
+        w = torch.bmm(up.reshape(m, o, r).to(wide), down.reshape(m, r, c).to(wide)).to(dtype)  # [m, o, c]
+        w_e = w.reshape(m, 1, o, c).expand(m, n, o, c).reshape(m * n, o, c)
+
+        def run_dense(x: torch.Tensor, out: torch.Tensor) -> bool:
+            if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
+                return False
+            xr = x[rows]
+            hw = xr.shape[2] * xr.shape[3]
+            out[rows].view(m * n, o, hw).baddbmm_(w_e, xr.reshape(m * n, c, hw))
+            return True
+
+        return run_dense, (w_e,)
+    if keep and m * n * r * max(c, o) * down.element_size() <= _EXPAND_LIMIT:
+        down_e = down.reshape(m, 1, r, c).expand(m, n, r, c).reshape(m * n, r, c)
+        up_e = up.reshape(m, 1, o, r).expand(m, n, o, r).reshape(m * n, o, r)
+    else:
+        down_e = up_e = None
+
+    def run(x: torch.Tensor, out: torch.Tensor) -> bool:
+        if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
+            return False
+        xr = x[rows]
+        hw = xr.shape[2] * xr.shape[3]
+        if down_e is not None:
+            h = torch.bmm(down_e, xr.reshape(m * n, c, hw))
+            out[rows].view(m * n, o, hw).baddbmm_(up_e, h)
+        else:
+            h = torch.matmul(down.reshape(m, 1, r, c), xr.reshape(m, n, c, hw)).reshape(m * n, r, hw)
+            out[rows].view(m * n, o, hw).baddbmm_(up.reshape(m, 1, o, r).expand(m, n, o, r).reshape(m * n, o, r), h)
+        return True
+
+    return run, tuple(t for t in (down_e, up_e) if t is not None)
+
+
 class _ModulePlan:
     """Everything needed to route one target module."""
+
+    _SCHEDULES = 4  # cached schedules per module (row layouts x batch sizes x devices/dtypes)
 
     def __init__(self, name: str, module: nn.Module, entries, out_slice: tuple[int, int] | None):
         self.name, self.module = name, module
@@ -244,13 +356,32 @@ class _ModulePlan:
         self.groups = _build_groups(name, entries, self.conv, self.geometry)
         # Output features this plan writes: all, or one sub-projection of a packed weight.
         self.features = slice(None) if out_slice is None else slice(out_slice[0], out_slice[0] + out_slice[1])
+        self._schedules: dict[tuple, list[_Job]] = {}
 
-    def schedule(self, spans: list[list[tuple[int, int | None]]], batch: int, device, dtype) -> list[tuple]:
-        """The work of one forward for a given batch size: ``(group, rows, m, stacks)`` per batched job.
+    def jobs(self, spans_key: tuple, spans, batch: int, device, dtype) -> list[_Job]:
+        """The schedule for this row layout, batch size, device and dtype, built once and kept.
 
-        Computed once per routed call and batch size (the hook caches it), so a forward
-        only runs tensor ops: rows are resolved, equal adjacent spans merged into one
-        batched job, and the stacks of a subset of adapters selected here.
+        The cache is small and per module; it is emptied when the stacks move to another
+        device or dtype (so it never holds tensors the router no longer counts).
+        """
+        key = (spans_key, batch, device, dtype)
+        jobs = self._schedules.get(key)
+        if jobs is None:
+            if len(self._schedules) >= self._SCHEDULES:
+                self._schedules.clear()
+            held = [(id(g.stacks), id(g.cache)) for g in self.groups]
+            jobs = self.schedule(spans, batch, device, dtype)
+            if held != [(id(g.stacks), id(g.cache)) for g in self.groups]:
+                self._schedules.clear()  # the stacks moved: older schedules would keep the old copies alive
+            self._schedules[key] = jobs
+        return jobs
+
+    def schedule(self, spans: list[list[tuple[int, int | None]]], batch: int, device, dtype) -> list[_Job]:
+        """The work of one forward for a given batch size: one :class:`_Job` per batched piece.
+
+        Rows are resolved, equal adjacent spans merged into one batched job, the stacks of a
+        subset of adapters selected, and the fused path of the form chosen here, so a
+        forward only runs tensor ops.
         """
         jobs = []
         for group in self.groups:
@@ -271,43 +402,47 @@ class _ModulePlan:
                    for i, (start, stop, _pos) in enumerate(active)):
                 positions = [pos for _, _, pos in active]
                 if positions != list(range(len(group.members))):
-                    index = torch.tensor(positions, device=device)
+                    index = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
                     stacks = {k: v.index_select(0, index) for k, v in stacks.items()}
-                jobs.append((group, slice(first, first + length * len(active)), len(active), stacks))
+                jobs.append(self._job(group, slice(first, first + length * len(active)), len(active), stacks))
                 continue
             for start, stop, pos in active:  # uneven rows: one job per span
-                index = torch.tensor([pos], device=device)
-                jobs.append((group, slice(start, stop), 1, {k: v.index_select(0, index) for k, v in stacks.items()}))
+                index = torch.tensor([pos], dtype=torch.long).to(device, non_blocking=True)
+                jobs.append(self._job(group, slice(start, stop), 1,
+                                      {k: v.index_select(0, index) for k, v in stacks.items()}))
         return jobs
 
-    def run(self, x: torch.Tensor, out: torch.Tensor, jobs: list[tuple]) -> None:
-        """Add the deltas of ``jobs`` to ``out`` in place; rows outside the jobs are not touched."""
-        for group, rows, m, stacks in jobs:
-            xr = x[rows]
-            if group.form == "lr_linear" and "b" not in stacks and self._fuse_into(out, xr):
-                # Low-rank linear: the up-projection accumulates straight into the output rows.
-                target = out[rows].view(m, -1, out.shape[-1])
-                target.baddbmm_(torch.bmm(xr.reshape(m, -1, xr.shape[-1]), stacks["down_t"]), stacks["up_t"])
-                continue
-            if group.form == "lr_conv" and self._pointwise_into(out, xr):
-                # 1x1 low-rank conv (SD1.5's proj_in/proj_out): channel matmuls on [m, rows, C, H*W]
-                # accumulated into the output, instead of a grouped conv, two transposed copies and an add.
-                n, c, o = xr.shape[0] // m, xr.shape[1], out.shape[1]
-                hw, r = xr.shape[2] * xr.shape[3], stacks["down"].shape[1]
-                h = torch.matmul(stacks["down"].reshape(m, 1, r, c), xr.reshape(m, n, c, hw)).reshape(m * n, r, hw)
-                up = stacks["up"].reshape(m, 1, o, r).expand(m, n, o, r).reshape(m * n, o, r)
-                out[rows].view(m * n, o, hw).baddbmm_(up, h)
-                continue
-            self._add(out, rows, _group_delta(group, stacks, xr, m, self.geometry))
+    def held_tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor this plan keeps: the stacks, their device copies, and what cached schedules hold."""
+        for group in self.groups:
+            for tensors in (group.stacks, *group.cache.values()):
+                yield from tensors.values()
+        for jobs in self._schedules.values():
+            for job in jobs:
+                yield from job.stacks.values()
+                yield from job.extra
 
-    def _fuse_into(self, out: torch.Tensor, xr: torch.Tensor) -> bool:
-        return not self.conv and self.features == slice(None) and out.dtype == xr.dtype and out.is_contiguous()
+    def _job(self, group: _Group, rows: slice, m: int, stacks: dict[str, torch.Tensor]) -> _Job:
+        job = _Job(group, rows, m, stacks)
+        if "b" in stacks or self.features != slice(None):
+            return job
+        if group.form == "lr_linear" and not self.conv:
+            job.fast, job.extra = _linear_fast(rows, m, stacks["down_t"], stacks["up_t"])
+        elif group.form == "lr_conv" and self._pointwise():
+            job.fast, job.extra = _pointwise_fast(rows, m, stacks["down"], stacks["up"])
+        return job
 
-    def _pointwise_into(self, out: torch.Tensor, xr: torch.Tensor) -> bool:
+    def _pointwise(self) -> bool:
         g = self.geometry
         return (self.conv and g is not None and g.kernel == (1, 1) and g.stride == (1, 1) and g.dilation == (1, 1)
-                and not isinstance(g.padding, str) and tuple(g.padding) == (0, 0) and self.features == slice(None)
-                and out.dtype == xr.dtype and out.is_contiguous() and xr.is_contiguous())
+                and not isinstance(g.padding, str) and tuple(g.padding) == (0, 0))
+
+    def run(self, x: torch.Tensor, out: torch.Tensor, jobs: list[_Job]) -> None:
+        """Add the deltas of ``jobs`` to ``out`` in place; rows outside the jobs are not touched."""
+        for job in jobs:
+            if job.fast is not None and job.fast(x, out):
+                continue
+            self._add(out, job.rows, _group_delta(job.group, job.stacks, x[job.rows], job.m, self.geometry))
 
     def _add(self, out: torch.Tensor, rows: slice, delta: torch.Tensor) -> None:
         target = out[rows]
@@ -341,6 +476,7 @@ class Router:
                         out_slice, piece = (piece.offset, piece.size), piece.inner
                     per_module.setdefault(name, []).append((j, piece, out_slice))
         self._plans: list[_ModulePlan] = []
+        self._modules: list[nn.Module] | None = None
         for name, entries in per_module.items():
             # One plan per output slice keeps the add-in-place target a plain view.
             slices = sorted({e[2] for e in entries}, key=lambda s: (s is not None, s))
@@ -351,11 +487,21 @@ class Router:
     @property
     def nbytes(self) -> int:
         """Bytes of the stacked adapter tensors and their device copies."""
-        return sum(g.nbytes for plan in self._plans for g in plan.groups)
+        seen: set[int] = set()
+        total = 0
+        for plan in self._plans:
+            for tensor in plan.held_tensors():
+                ptr = tensor.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    total += tensor.untyped_storage().nbytes()
+        return total
 
     @property
     def modules(self) -> list[nn.Module]:
-        return list({id(p.module): p.module for p in self._plans}.values())
+        if self._modules is None:
+            self._modules = list({id(p.module): p.module for p in self._plans}.values())
+        return self._modules
 
     def _spans(self, rows: Sequence) -> list[list[tuple[int, int | None]]]:
         """Normalise ``rows`` to a list of ``(start, stop)`` spans per adapter; overlap is an error."""
@@ -381,13 +527,21 @@ class Router:
         return spans
 
     @contextlib.contextmanager
-    def route(self, rows: Sequence) -> Iterator[None]:
+    def route(self, rows: Sequence, errors: list | None = None) -> Iterator[None]:
         """Route adapter ``j`` onto batch rows ``rows[j]`` for the block's duration.
 
         ``rows[j]`` is a slice, a list of slices (the same adapter on several row blocks,
-        e.g. one per AND sub-prompt), or ``None`` (not in this call).
+        e.g. one per AND sub-prompt), or ``None`` (not in this call). The work of each
+        module for a row layout and batch size is planned at its first forward and kept
+        for later calls with the same layout.
+
+        ``errors``: when a list, an exception raised while routing a module is appended to
+        it instead of propagating, and no module is routed after it (the rows no adapter
+        covers are never written, so the call's other rows stay exact). For a caller that
+        routes inside a model call it does not own and reports the error after that call.
         """
         spans = self._spans(rows)
+        spans_key = tuple(tuple(s) for s in spans)
         modules = self.modules
         with _ACTIVE_LOCK:
             busy = [m for m in modules if m in _ACTIVE]
@@ -399,7 +553,8 @@ class Router:
         handles = []
         try:
             for plan in self._plans:
-                handles.append(plan.module.register_forward_hook(_make_hook(plan, spans), with_kwargs=True))
+                handles.append(plan.module.register_forward_hook(_make_hook(plan, spans, spans_key, errors),
+                                                                 with_kwargs=True))
             yield
         finally:
             for handle in handles:
@@ -409,20 +564,25 @@ class Router:
                     _ACTIVE.discard(m)
 
 
-def _make_hook(plan: _ModulePlan, spans):
-    schedules: dict[tuple, list] = {}
-
+def _make_hook(plan: _ModulePlan, spans, spans_key: tuple, errors: list | None):
     def hook(module, args, kwargs, output):
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         if not isinstance(output, torch.Tensor):
             raise RoutingError(f"module {plan.name!r} returned {type(output).__name__}, not a tensor")
-        key = (x.shape[0], x.device, x.dtype)
-        jobs = schedules.get(key)
-        if jobs is None:
-            jobs = schedules[key] = plan.schedule(spans, *key)
-        plan.run(x, output, jobs)
+        plan.run(x, output, plan.jobs(spans_key, spans, x.shape[0], x.device, x.dtype))
 
-    return hook
+    if errors is None:
+        return hook
+
+    def collecting(module, args, kwargs, output):
+        if errors:
+            return
+        try:
+            hook(module, args, kwargs, output)
+        except Exception as exc:
+            errors.append(exc)
+
+    return collecting
 
 
 def routed(targets: Mapping[str, nn.Module], adapters: Sequence[Mapping], rows: Sequence):

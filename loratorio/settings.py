@@ -27,7 +27,10 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .fusion import METHODS
+
 __all__ = [
+    "DEFAULT_METHOD",
     "FIELD_HELP",
     "INFOTEXT_KEYS",
     "LABELS",
@@ -43,12 +46,19 @@ class SettingsError(ValueError):
     """A setting has a wrong type, is out of range, or is unknown."""
 
 
+#: The composition method a new generation uses unless told otherwise (see docs/quality.md
+#: for the evidence); ``paper`` is the published step exactly.
+DEFAULT_METHOD = "resolve"
+#: What an infotext without a method entry was made with (versions before the setting).
+_INFOTEXT_METHOD = "paper"
+
+
 @dataclass
 class Settings:
     """All LoRAtorio settings of one generation (method step numbers refer to ``docs/method.md``)."""
 
     enabled: bool = False
-    recenter: float = 0.5  # lambda of step 8
+    recenter: float = 1.0  # lambda of step 8: the negative carries the LoRAs' own change
     temperature_scale: float = 10.0  # c of step 3
     patch_size: int = 2  # p of step 1
     top_k: int = 0  # step 5; 0 = all LoRAs take part
@@ -58,6 +68,7 @@ class Settings:
     merge_into_base: list[str] = field(default_factory=list)
     composition_map: bool = False
     max_rows_per_call: int = 0  # 0 = all branch rows in one model call
+    method: str = DEFAULT_METHOD  # a name in loratorio.fusion.METHODS
 
     # -- parsing ---------------------------------------------------------------------------
 
@@ -138,6 +149,7 @@ class Settings:
             return {}
         d = {
             INFOTEXT_KEYS["enabled"]: "True",
+            INFOTEXT_KEYS["method"]: self.method,
             INFOTEXT_KEYS["recenter"]: _num(self.recenter),
             INFOTEXT_KEYS["temperature_scale"]: _num(self.temperature_scale),
             INFOTEXT_KEYS["patch_size"]: str(self.patch_size),
@@ -169,6 +181,7 @@ class Settings:
             return {"enabled": False}
         out = Settings().to_dict()
         out["enabled"] = True
+        out["method"] = _INFOTEXT_METHOD
         for name in UI_ORDER[1:]:
             raw = params.get(INFOTEXT_KEYS[name])
             if raw is None:
@@ -205,6 +218,8 @@ def _from_text(name: str, raw):
         return int(text)
     if kind is float:
         return float(text)
+    if kind is str:
+        return text
     return split_names(text)
 
 
@@ -291,6 +306,13 @@ def _check_names(name, value):
     return out
 
 
+def _check_method(name, value):
+    if not isinstance(value, str) or value.strip().lower() not in METHODS:
+        raise SettingsError(f"LoRAtorio setting {name!r} must be one of {', '.join(repr(m) for m in METHODS)}, "
+                            f"got {_show(value)} ({_type_name(value)})")
+    return value.strip().lower()
+
+
 _FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
 
 UI_ORDER: tuple[str, ...] = (
@@ -305,6 +327,7 @@ UI_ORDER: tuple[str, ...] = (
     "merge_into_base",
     "composition_map",
     "max_rows_per_call",
+    "method",
 )
 assert set(UI_ORDER) == set(_FIELDS)
 
@@ -320,12 +343,13 @@ _CHECKS = {
     "merge_into_base": _check_names,
     "composition_map": _check_bool,
     "max_rows_per_call": _check_int(0),
+    "method": _check_method,
 }
 
 _KIND = {
     "enabled": bool, "recenter": float, "temperature_scale": float, "patch_size": int, "top_k": int,
     "probe_every": int, "text_encoder_per_branch": bool, "pool": list, "merge_into_base": list,
-    "composition_map": bool, "max_rows_per_call": int,
+    "composition_map": bool, "max_rows_per_call": int, "method": str,
 }
 
 LABELS: dict[str, str] = {
@@ -333,13 +357,14 @@ LABELS: dict[str, str] = {
     "recenter": "Re-centring (lambda)",
     "temperature_scale": "Temperature scale",
     "patch_size": "Patch size",
-    "top_k": "Top-k LoRAs per patch (0 = all)",
+    "top_k": "Top-k LoRAs per patch",
     "probe_every": "Probe every N steps",
     "text_encoder_per_branch": "Text encoder per branch",
     "pool": "Candidate pool",
     "merge_into_base": "Merge into base instead",
     "composition_map": "Show composition map",
-    "max_rows_per_call": "Max rows per model call (0 = no limit)",
+    "max_rows_per_call": "Max rows per model call",
+    "method": "Method",
 }
 
 FIELD_HELP: dict[str, str] = {
@@ -363,6 +388,9 @@ FIELD_HELP: dict[str, str] = {
     "composition_map": "Add one image per result showing which LoRA acted where (averaged over the steps).",
     "max_rows_per_call": "Limit the batch rows of one extra model call to save VRAM (0 = all branches in "
                          "one call, fastest).",
+    "method": "How the LoRAs' predictions are combined. 'paper' is the published LoRAtorio step (each patch "
+              "shared among the LoRAs by SoftMin weights that sum to one); the other methods are described in "
+              "the README.",
 }
 
 INFOTEXT_KEYS: dict[str, str] = {
@@ -377,6 +405,7 @@ INFOTEXT_KEYS: dict[str, str] = {
     "merge_into_base": "LoRAtorio merged",
     "composition_map": "LoRAtorio map",
     "max_rows_per_call": "LoRAtorio max rows",
+    "method": "LoRAtorio method",
     # written by the host from the generation's outcome, not settings:
     "loras": "LoRAtorio LoRAs",
     "skipped": "LoRAtorio skipped",

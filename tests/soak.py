@@ -827,7 +827,7 @@ class Result:
         self.state = getattr(p, "loratorio_state", None)
         self.params = dict(p.extra_generation_params)
         self.info = processed.infotexts[0] if processed.infotexts else ""
-        self.comments = list(p.comments)
+        self.comments = processed.comments.splitlines()  # the lines the UI shows under the images
         self.reported = reported
         self.interrupted = interrupted
         lat = processed.latents

@@ -181,7 +181,7 @@ def test_generation_state_loads_reports_and_writes_infotext():
 
 
 def test_state_composer_and_map_rows():
-    state = hc.GenerationState(Settings(enabled=True, composition_map=True))
+    state = hc.GenerationState(Settings(enabled=True, composition_map=True, method="paper"))
     state.branches = [hc.Branch(hc.BranchSpec(n), hc.LoraFile(n, n), {}, {}, {}) for n in ("a", "b")]
     composer = state.new_composer()
     base = torch.randn(3, 4, 4, 4)

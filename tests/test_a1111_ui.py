@@ -69,3 +69,81 @@ def test_paste_fields(fake):
     assert fields[id(components[UI_ORDER.index("pool")])](pasted) == ["a", "b"]
     assert fields[id(components[UI_ORDER.index("pool")])]({"Steps": "20"}) is None
     assert INFOTEXT_KEYS["recenter"] in script.paste_field_names
+
+
+def _known_names(html: str) -> list[str]:
+    """The LoRA names the page script reads from the hidden element's data attribute."""
+    import html as html_lib
+    import json
+    import re
+
+    match = re.fullmatch(rf'<div {host_common.KNOWN_LORAS_ATTR}="([^"]*)"></div>', html)
+    assert match, html
+    return json.loads(html_lib.unescape(match.group(1)))
+
+
+def test_the_page_gets_every_name_a_tag_can_use(fake, tmp_path):
+    """The header summary marks tags the LoRA list does not know, so the page needs the names and aliases."""
+    from tests.lora_files import write_lora
+
+    for name in ("style", "char"):
+        write_lora(tmp_path / f"{name}.safetensors", {"lora_unet_x": (4, 4)})
+    fake.networks.list_available_networks()
+    nets = fake.networks
+    nets.available_network_aliases["style_alias"] = nets.available_networks["style"]
+    nets.available_network_aliases["shared"] = nets.available_networks["char"]
+    nets.forbidden_network_aliases["shared"] = 1  # two files claim this alias: a tag cannot use it
+    script, _ = fa.load_script(fake)
+    script.ui(False)
+    known = next(c for c in fake.gradio.created if getattr(c, "elem_id", None) == "loratorio_txt2img_known_loras")
+    assert isinstance(known, fake.gradio.HTML)
+    assert _known_names(known.value) == ["char", "style", "style_alias"]
+
+    # the refresh button next to the LoRA lists updates the names as well
+    write_lora(tmp_path / "new.safetensors", {"lora_unet_x": (4, 4)})
+    button = next(c for c in fake.gradio.created if getattr(c, "elem_id", None) == "loratorio_txt2img_refresh")
+    assert len(button.clicks) == 1
+    fn, _inputs, outputs = button.clicks[0]
+    pool, merge = (next(c for c in fake.gradio.created if getattr(c, "elem_id", None) == f"loratorio_txt2img_{n}")
+                   for n in ("pool", "merge_into_base"))
+    assert outputs == [pool, merge, known]
+    pool_update, merge_update, html = fn()
+    assert pool_update["choices"] == merge_update["choices"] == ["char", "new", "style"]
+    assert _known_names(html) == ["char", "new", "style"]
+    assert known.value == html and pool.choices == ["char", "new", "style"]  # for pages loaded later
+
+
+def test_names_with_quotes_survive_the_html_attribute():
+    html = host_common.known_loras_html(['a"b', "c'd", "<e>&"])
+    assert _known_names(html) == ['a"b', "c'd", "<e>&"]
+
+
+def test_controls_are_laid_out_two_per_row_with_short_labels(fake):
+    """Two controls per row and labels short enough for one line keep each row's sliders in line."""
+    script, _ = fa.load_script(fake)
+    components = dict(zip(UI_ORDER, script.ui(False), strict=True))
+    accordion = components["enabled"]
+    rows = [c for c in accordion.children if isinstance(c, fake.gradio.Row)]
+    assert rows, "the accordion has no rows"
+    for row in rows:
+        controls = [c for c in row.children if c.label is not None]
+        assert 1 <= len(controls) <= 2, [c.label for c in controls]
+        assert len({type(c) for c in controls}) == 1, [c.label for c in controls]  # no number box among sliders
+        for c in controls:
+            assert len(c.label) <= 24 and "(0 =" not in c.label, c.label
+    numeric = [name for name, value in Settings().to_dict().items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    assert all(isinstance(components[name], fake.gradio.Slider) for name in numeric), numeric
+    assert components["max_rows_per_call"].minimum == 0
+
+
+def test_settings_page_says_what_zero_means(fake):
+    fa.load_script(fake)
+    fake.script_callbacks.ui_settings_callback()
+    labels = fake.shared.opts.data_labels
+    top_k = labels[host_common.OPTION_KEYS["top_k"]]
+    max_rows = labels[host_common.OPTION_KEYS["max_rows_per_call"]]
+    assert top_k.label == "Default " + LABELS["top_k"] and max_rows.label == "Default " + LABELS["max_rows_per_call"]
+    assert "0 = all" in top_k.comment_after and "0 = no limit" in max_rows.comment_after
+    assert max_rows.component is fake.gradio.Slider
+    assert max_rows.component_args == {"minimum": 0, "maximum": 64, "step": 1}

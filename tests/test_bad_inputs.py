@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from loratorio.fusion import METHODS
 from loratorio.host_common import Reason
 from loratorio.settings import INFOTEXT_KEYS, Settings, SettingsError
 from tests.soak import A1111Host, ForgeHost, Result, light_host
@@ -351,7 +352,9 @@ def test_one_lora_gets_all_the_weight(host):
     assert names == ["good"]
     assert torch.equal(weights, torch.ones_like(weights))
     assert len(res.processed.images) == 2  # the image and its composition map
-    assert not torch.equal(res.latents, host.run("a cat <lora:good>", False).latents)
+    # alone, a LoRA keeps its whole change, negative included: the built-in Lora's image up to rounding
+    builtin = host.run("a cat <lora:good>", False).latents
+    torch.testing.assert_close(res.latents, builtin, atol=1e-4 * builtin.abs().max().item(), rtol=1e-4)
 
 
 def test_pool_of_32_loras(host):
@@ -365,7 +368,7 @@ def test_pool_of_32_loras(host):
     assert hashed_names(res) == ["good", *names]  # pool LoRAs act, so they are hashed like tagged ones
     weights, _ = res.state.maps[0]
     assert weights.shape[0] == 33
-    torch.testing.assert_close(weights.sum(0), torch.ones_like(weights[0]), atol=1e-5, rtol=0)
+    assert weights.min() >= 0 and weights.max() <= 1 + 1e-6
     assert torch.isfinite(res.latents).all() and not res.reported
 
 
@@ -410,11 +413,13 @@ BAD_ARGS = [
      "LoRAtorio setting 'recenter' must be a finite number (0 to 1), got nan"),
     ("unknown key", [{"lambda": 0.5}], "unknown LoRAtorio setting(s) 'lambda'; allowed keys: enabled, recenter, "
      "temperature_scale, patch_size, top_k, probe_every, text_encoder_per_branch, pool, merge_into_base, "
-     "composition_map, max_rows_per_call"),
+     "composition_map, max_rows_per_call, method"),
+    ("unknown method", [{"method": "average"}], "LoRAtorio setting 'method' must be one of "
+     + ", ".join(repr(m) for m in METHODS) + ", got 'average' (str)"),
     ("conflict", [{"pool": ["good"], "merge_into_base": ["good"]}],
      "LoRA 'good' is both in pool and merge_into_base; choose one: pool composes it as a branch, merge_into_base "
      "applies it to every branch"),
-    ("positional wrong type", [True, "0.5", 10.0, 2, 0, 1, True, [], [], False, 0],
+    ("positional wrong type", [True, "0.5", 10.0, 2, 0, 1, True, [], [], False, 0, "paper"],
      "LoRAtorio setting 'recenter' must be a number (0 to 1), got '0.5' (str)"),
 ]
 
@@ -435,13 +440,14 @@ def test_invalid_api_arguments_refuse_the_job_naming_the_field(host, kind, args,
 
 
 def test_too_many_positional_values_are_refused():
-    """The WebUI API itself copies at most the script's 11 values into its slot (modules/api/api.py
+    """The WebUI API itself copies at most the script's 12 values into its slot (modules/api/api.py
     ``init_script_args``), so through /sdapi extra values never reach the script; anything that hands the
     script more values is refused."""
     with pytest.raises(SettingsError) as err:
-        Settings.from_args([True, 0.5, 10.0, 2, 0, 1, True, [], [], False, 0, "extra"])
-    assert str(err.value).startswith("LoRAtorio takes at most 11 positional values (enabled, recenter, ")
-    assert str(err.value).endswith("got 12: [True, 0.5, 10.0, 2, 0, 1, True, [], [], False, 0, 'extra']")
+        Settings.from_args([True, 0.5, 10.0, 2, 0, 1, True, [], [], False, 0, "paper", "extra"])
+    assert str(err.value).startswith("LoRAtorio takes at most 12 positional values (enabled, recenter, ")
+    assert str(err.value).endswith("got 13: [True, 0.5, 10.0, 2, 0, 1, True, [], [], False, 0, 'paper', "
+                                   "'extra']")
 
 
 def test_settings_must_be_a_list_or_a_dict():
@@ -568,7 +574,7 @@ def test_troubleshooting_table_lists_every_message():
                 "not a LoRA file: none of its", "tag not understood: ", NO_LORA_NOTE, "gave non-finite output at",
                 "the model's own prediction was not finite at N step(s), so nothing was composed there",
                 "InstructPix2Pix-style edit models are not supported", "a refiner is set; LoRAtorio composes",
-                "must be between 0 and 1", "unknown LoRAtorio setting(s)", "takes at most 11 positional values",
+                "must be between 0 and 1", "unknown LoRAtorio setting(s)", "takes at most 12 positional values",
                 "must be a whole number >= 1", "must be true or false", "must be a list of LoRA names",
                 "is both in pool and merge_into_base", "LoRAtorio stopped the generation (",
                 Reason.SAME_FILE.split("{")[0], "stopped by an error: ", "not applied: ",

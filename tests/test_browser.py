@@ -2,7 +2,8 @@
 
 A static page (tests/browser/index.html) imitates the parts of the WebUI's DOM the script
 touches: the prompt boxes, the LoRAtorio InputAccordion with its hidden checkbox and header,
-the settings, and the WebUI's script.js callbacks. The test types prompts with real key
+the settings in the rows ``host_common.build_ui`` makes and in gradio 3.41's markup, the
+hidden list of known LoRA names, and the WebUI's script.js callbacks. The test types prompts with real key
 presses through chromedriver and checks the accordion header's summary, the tooltips, the
 theme colours, and that nothing throws when the controls are missing. Screenshots of the
 light and dark theme are written to $LORATORIO_ARTIFACTS (default: tests/artifacts/).
@@ -32,13 +33,13 @@ LABELS = {
     "recenter": "Re-centring (lambda)",
     "temperature_scale": "Temperature scale",
     "patch_size": "Patch size",
-    "top_k": "Top-k LoRAs per patch (0 = all)",
+    "top_k": "Top-k LoRAs per patch",
     "probe_every": "Probe every N steps",
     "pool": "Candidate pool",
     "text_encoder_per_branch": "Text encoder per branch",
     "merge_into_base": "Merge into base instead",
     "composition_map": "Show composition map",
-    "max_rows_per_call": "Max rows per model call (0 = no limit)",
+    "max_rows_per_call": "Max rows per model call",
 }
 
 
@@ -116,7 +117,8 @@ def _summary(browser, tab: str = "txt2img") -> dict:
         "const part = c => s.querySelector('.loratorio-summary-' + c).textContent;"
         "return {hidden: s.hidden, visible: s.offsetParent !== null && getComputedStyle(s).display !== 'none',"
         " text: s.textContent, count: part('count'), list: part('list'), note: part('note'),"
-        " merged: part('merged'), state: s.dataset.state, dataCount: s.dataset.count, title: s.title};",
+        " merged: part('merged'), unknown: part('unknown'), state: s.dataset.state, dataCount: s.dataset.count,"
+        " title: s.title, unknownTitle: s.querySelector('.loratorio-summary-unknown').title};",
         f"loratorio_{tab}_summary",
     )
 
@@ -246,7 +248,8 @@ def test_every_setting_has_a_tooltip(browser, server):
                 "return [el.title, span ? span.title : null];", f"loratorio_{tab}_{key}", label)
             assert titles == [hints[label], hints[label]], (tab, key, titles)
     assert "N of the 2N + 2" in hints["Re-centring (lambda)"]
-    assert "VRAM" in hints["Max rows per model call (0 = no limit)"]
+    assert "VRAM" in hints["Max rows per model call"] and "0 = no limit" in hints["Max rows per model call"]
+    assert "0 = all LoRAs blend" in hints["Top-k LoRAs per patch"]
     # the host's own entries are kept
     assert hints["Sampling steps"].startswith("How many times")
     assert _errors(browser) == []
@@ -401,4 +404,109 @@ def test_missing_elements_never_throw(browser, server):
     _type_prompt(browser, "<lora:a:1> <lora:b:1>")
     _wait_summary(browser, "2 LoRAs:a, b")
     assert browser.execute("return loratorio.refresh().img2img;") is None
+    assert _errors(browser) == []
+
+
+def test_unknown_names_are_marked_and_merged_ones_are_not_counted(browser, server, artifacts):
+    """A tag the LoRA list does not know is marked and not counted; a merged one is listed as merged."""
+    _open(browser, server)
+    browser.click(browser.find("#loratorio_txt2img .label-wrap > span:first-child"))
+    browser.execute("shimSetTokens('loratorio_txt2img_merge_into_base', ['style']);")
+    # "corrupt" is in the LoRA list: whether its file loads is known only when generating
+    _type_prompt(browser, "<lora:alpha:1> <lora:ghost:0.8> <lora:corrupt:1> <lora:style:0.5> a street")
+    s = _wait_summary(browser, "2 LoRAs:alpha, corruptmerged: stylenot found: ghost")
+    assert (s["count"], s["list"], s["merged"], s["unknown"], s["dataCount"]) == (
+        "2 LoRAs:", "alpha, corrupt", "merged: style", "not found: ghost", "2")
+    assert "Not found in the LoRA list, skipped: ghost" in s["title"]
+    assert "ghost (unet" not in s["title"]
+    assert s["unknownTitle"].startswith("Not in the LoRA list: LoRAtorio skips these tags.")
+    header = browser.execute("return document.querySelector('#loratorio_txt2img .label-wrap').innerText;")
+    assert re.match(r"^LoRAtorio\s*2 LoRAs:\s*alpha, corrupt", header), header
+    path = artifacts / "loratorio_header_unknown.png"
+    path.write_bytes(browser.screenshot())
+    print(f"screenshot: {path}")
+
+    # The refresh button makes the server render the list again (a DOM change, no input event).
+    browser.execute(
+        "const el = document.querySelector('#loratorio_txt2img_known_loras .prose');"
+        "const names = ['alpha', 'corrupt', 'ghost', 'style'];"
+        "el.innerHTML = '<div data-loratorio-loras=\"' + JSON.stringify(names).replace(/\"/g, '&quot;') + '\"></div>';")
+    s = _wait_summary(browser, "3 LoRAs:alpha, ghost, corruptmerged: style")
+    assert s["unknown"] == "" and s["dataCount"] == "3"
+
+    # only merged and unknown tags: nothing to compose
+    _type_prompt(browser, "<lora:style:1> <lora:nobody:1>")
+    browser.execute("document.querySelector('#loratorio_txt2img_known_loras .prose').innerHTML ="
+                    " '<div data-loratorio-loras=\"[&quot;style&quot;]\"></div>';")
+    s = _wait_summary(browser, "0 LoRAsnothing to compose: plain generationmerged: stylenot found: nobody")
+    assert s["state"] == "none"
+    assert _errors(browser) == []
+
+
+def test_without_a_list_of_names_no_tag_is_marked(browser, server):
+    """An older page without the hidden list (or a broken one) counts every tag, as before."""
+    _open(browser, server)
+    browser.execute("document.getElementById('loratorio_txt2img_known_loras').remove();"
+                    "document.querySelector('#loratorio_img2img_known_loras [data-loratorio-loras]')"
+                    ".setAttribute('data-loratorio-loras', 'not json');")
+    browser.click(browser.find("#loratorio_txt2img-visible-checkbox"))
+    _type_prompt(browser, "<lora:alpha:1> <lora:ghost:1>")
+    _wait_summary(browser, "2 LoRAs:alpha, ghost")
+    browser.click(browser.find("#loratorio_img2img-visible-checkbox"))
+    _type_prompt(browser, "<lora:alpha:1> <lora:ghost:1>", tab="img2img")
+    _wait_summary(browser, "2 LoRAs:alpha, ghost", tab="img2img")
+    assert _errors(browser) == []
+
+
+_LAYOUT_JS = """
+const acc = document.getElementById('loratorio_txt2img');
+const box = e => e.getBoundingClientRect();
+const rows = [...acc.querySelectorAll('.row')].map(row => [...row.children].map(block => {
+  const label = block.querySelector('[data-testid=block-info]') || block.querySelector('label span');
+  const range = block.querySelector('input[type=range]');
+  const headLabel = block.querySelector('.head label');
+  return {id: block.id, top: box(block).top, bottom: box(block).bottom,
+          rangeTop: range ? box(range).top : null,
+          labelHeight: label ? box(label).height : null,
+          fontSize: label ? parseFloat(getComputedStyle(label).fontSize) : null,
+          cut: headLabel ? headLabel.scrollWidth > headLabel.clientWidth : false,
+          numberRight: block.querySelector('.head input') ? box(block.querySelector('.head input')).right : null,
+          right: box(block).right};
+}));
+const title = acc.querySelector('.label-wrap > span:first-child');
+const count = document.querySelector('#loratorio_txt2img_summary .loratorio-summary-count');
+const list = document.querySelector('#loratorio_txt2img_summary .loratorio-summary-list');
+return {rows: rows, titleSize: parseFloat(getComputedStyle(title).fontSize),
+        countSize: parseFloat(getComputedStyle(count).fontSize),
+        listSize: parseFloat(getComputedStyle(list).fontSize),
+        known: getComputedStyle(document.getElementById('loratorio_txt2img_known_loras')).display};
+"""
+
+
+@pytest.mark.parametrize("width", [860, 600])
+def test_controls_line_up_and_the_summary_is_as_large_as_the_title(browser, server, artifacts, width):
+    """Sliders of a row keep their tracks in line, no label is cut or wraps, and the summary is readable."""
+    _open(browser, server, f"?width={width}")
+    browser.click(browser.find("#loratorio_txt2img .label-wrap > span:first-child"))
+    _type_prompt(browser, "<lora:alpha:1> <lora:beta:1>")
+    _wait_summary(browser, "2 LoRAs:alpha, beta")
+    geo = browser.execute(_LAYOUT_JS)
+    assert geo["known"] == "none"
+    sliders = [c for row in geo["rows"] for c in row if c["rangeTop"] is not None]
+    assert {c["id"].removeprefix("loratorio_txt2img_") for c in sliders} == {
+        "recenter", "temperature_scale", "patch_size", "top_k", "probe_every", "max_rows_per_call"}
+    for row in geo["rows"]:
+        blocks = [c for c in row if c["top"] is not None and c["labelHeight"] is not None]
+        assert len({round(c["top"]) for c in blocks}) == 1, row  # one line of controls, nothing wrapped below
+        tracks = [c["rangeTop"] for c in blocks if c["rangeTop"] is not None]
+        assert max(tracks, default=0) - min(tracks, default=0) <= 1, row
+        for c in blocks:
+            assert not c["cut"], c
+            assert c["labelHeight"] < 2 * c["fontSize"], c  # the label is one line
+            if c["numberRight"] is not None:
+                assert c["right"] - c["numberRight"] < 20, c  # the number box sits at the block's right
+    assert geo["countSize"] == geo["listSize"] == geo["titleSize"], geo
+    path = artifacts / f"loratorio_layout_{width}.png"
+    path.write_bytes(browser.screenshot())
+    print(f"screenshot: {path}")
     assert _errors(browser) == []

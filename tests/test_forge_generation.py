@@ -33,7 +33,7 @@ def test_sd15_two_loras_with_text_encoders_equal_merged_branches(monkeypatch, tm
                        **env.te_layers(include=["mlp.fc2", "self_attn.v_proj"])}, seed=2, rank=3)
     w0 = env.weights()
     prompt = "a red fox <lora:ink:0.9> in snow <lora:glow:0.7:1.2>"
-    settings = {"recenter": 0.5, "temperature_scale": 10.0}
+    settings = {"recenter": 1.0, "temperature_scale": 10.0}
     _, out = env.run(prompt, settings, negative_prompt="blurry", batch_size=2, cfg_scale=6.0)
     from backend.text_processing import classic_engine
 
@@ -241,3 +241,104 @@ def test_image_conditioning_is_tiled_for_the_branches(monkeypatch, tmp_path):
     ref = reference_run(env, prompt, [("a", 1, 1), ("b", 0.6, 0.6)], batch_size=2, negative_prompt="n",
                         concat=concat)
     _assert_same(_latents(out), ref)
+
+
+# -- one model call per composed step ------------------------------------------------------------------
+
+
+def _calls_per_evaluation(env, monkeypatch, prompt, settings, **kw):
+    """Model calls per denoiser evaluation of one generation (Forge's own call counts as one)."""
+    from modules import sd_samplers_cfg_denoiser as cfg_denoiser
+
+    evaluations = []
+    original = cfg_denoiser.sampling_function
+
+    def counted(*args, **kwargs):
+        evaluations.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cfg_denoiser, "sampling_function", counted)
+    model = env.engine.forge_objects.unet.model
+    before = model.calls
+    _, out = env.run(prompt, settings, **kw)
+    monkeypatch.setattr(cfg_denoiser, "sampling_function", original)
+    return (model.calls - before) / len(evaluations), out
+
+
+@pytest.mark.parametrize("case", ["sd15", "sdxl", "heun", "hires", "lambda0", "flux_cfg1", "flux_cfg3"])
+def test_one_model_call_per_composed_step(monkeypatch, tmp_path, case):
+    """The branch rows ride in Forge's own call: one model call per composed evaluation, equal to the reference."""
+    kind = "flux" if case.startswith("flux") else "sdxl" if case == "sdxl" else "sd15"
+    env = make_env(monkeypatch, tmp_path, kind=kind)
+    if kind == "flux":
+        env.write("a", env.unet_layers(include=["img_attn", "single_blocks.0.linear1"]), seed=7)
+        env.write("b", {**env.unet_layers(include=["txt_attn", "img_mlp.0"]),
+                        **env.te_layers("clip_l", prefix="lora_te1_")}, seed=8)
+    else:
+        env.write("a", {**env.unet_layers(include=["attn2", "proj_in"]), **env.te_layers()}, seed=21)
+        env.write("b", env.unet_layers(include=["attn1", "ff.net"]), seed=22, rank=3)
+    prompt = "a tower <lora:a:0.9> <lora:b>"
+    kw = {"negative_prompt": "fog", "batch_size": 2}
+    ref_kw = dict(kw)
+    settings = {"recenter": 1.0}
+    if case == "heun":
+        kw["sampler_name"] = ref_kw["sampler"] = "Heun"
+    elif case == "lambda0":
+        settings, ref_kw["recenter"] = {"recenter": 0.0}, 0.0
+    elif case == "flux_cfg1":
+        kw["cfg_scale"] = ref_kw["cfg_scale"] = 1.0
+    elif case == "flux_cfg3":
+        kw["cfg_scale"] = ref_kw["cfg_scale"] = 3.0
+    if case == "hires":
+        kw.update(enable_hr=True, hr_second_pass_steps=2)
+    w0 = env.weights()
+    per_eval, out = _calls_per_evaluation(env, monkeypatch, prompt, settings, **kw)
+    assert per_eval == 1
+    assert env.hooks() == 0
+    w1 = env.weights()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    if case != "hires":
+        ref = reference_run(env, prompt, [("a", 0.9, 0.9), ("b", 1.0, 1.0)], **ref_kw)
+        _assert_same(_latents(out), ref)
+
+
+def test_host_features_that_keep_the_branch_call_apart_on_forge(monkeypatch, tmp_path):
+    """AND prompts and max-rows keep the branches' own call (see host_forge._fold_refusal), with the same result."""
+    env = make_env(monkeypatch, tmp_path)
+    _unet_lora(env, "a", ["attn2", "proj_in"], 31)
+    _unet_lora(env, "b", ["attn1"], 32)
+    prompt = "a tower <lora:a> <lora:b>"
+    per_eval, one = _calls_per_evaluation(env, monkeypatch, prompt, {}, negative_prompt="fog")
+    assert per_eval == 1
+    per_eval, capped = _calls_per_evaluation(env, monkeypatch, prompt, {"max_rows_per_call": 2}, negative_prompt="fog")
+    assert per_eval == 1 + 2  # Forge's call, then the branches' cond and uncond rows in calls of 2 rows
+    _assert_same(_latents(capped), _latents(one))
+    per_eval, _ = _calls_per_evaluation(env, monkeypatch, "a cat AND a dog <lora:a> <lora:b>", {},
+                                        negative_prompt="fog")
+    assert per_eval == 3  # Forge's call, the branches' cond call (both parts) and their uncond call
+
+
+def test_the_longer_call_describes_its_chunks_to_patches(monkeypatch, tmp_path):
+    """Patches that read ``transformer_options`` see the branch blocks as chunks of their kind, rows consistent."""
+    env = make_env(monkeypatch, tmp_path)
+    _unet_lora(env, "a", ["attn2"], 51)
+    _unet_lora(env, "b", ["attn1"], 52)
+    net = env.engine.forge_objects.unet.model.diffusion_model
+    seen = []
+    forward = type(net).forward
+
+    def recording(self, x, timesteps, context=None, y=None, control=None, transformer_options=None, **kw):
+        seen.append((x.shape[0], dict(transformer_options)))
+        return forward(self, x, timesteps, context=context, y=y, control=control,
+                       transformer_options=transformer_options, **kw)
+
+    monkeypatch.setattr(type(net), "forward", recording)
+    env.run("a tower <lora:a> <lora:b>", {}, negative_prompt="fog", batch_size=2, steps=2)
+    assert len(seen) == 2
+    for rows, options in seen:
+        marks = options["cond_or_uncond"]
+        assert rows == 12 and marks == [1, 0] * 3  # Forge's [u, c], then each branch's copy of both chunks
+        per = rows // len(marks)
+        assert options["cond_mark"].tolist() == [float(m) for m in marks for _ in range(per)]
+        assert sorted(options["cond_indices"] + options["uncond_indices"]) == list(range(rows))
+        assert all(marks[i // per] == 0 for i in options["cond_indices"])

@@ -74,3 +74,18 @@ def test_contributor_commands_are_what_ci_runs():
 def test_linked_files_exist():
     for target in re.findall(r"\]\(((?:docs|loratorio)/[^)#]+)\)", README):
         assert (ROOT / target).exists(), target
+
+
+def test_api_script_name_and_how_script_info_lists_it():
+    """The WebUI's API matches script names case-insensitively and lists them in lower case."""
+    title = LABELS["enabled"]
+    assert f"name for `alwayson_scripts` is `{title}`" in README
+    assert "ignores the case" in README and f"lists it as `{title.lower()}`" in README
+    assert all(json.loads(block)["alwayson_scripts"].keys() == {title} for block in code_blocks("json"))
+
+
+def test_the_settings_table_says_what_zero_means():
+    """The labels have no room for it; the table does."""
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\|[^|]*\(`(\w+)`\) \|.*$", README, re.M)}
+    assert "0 = all LoRAs share every patch" in rows["top_k"]
+    assert "0 = no limit" in rows["max_rows_per_call"]

@@ -224,3 +224,66 @@ def test_delta_weight_stays_on_the_factors_device():
     piece = lowrank(4, 3, 2)
     assert delta_weight(piece, (4, 3)).device == piece.down.device
     assert delta_weight([OutputSlice(piece, 2, 4)], (8, 3))[:2].abs().sum() == 0
+
+
+def test_each_module_plans_a_row_layout_once_across_calls(monkeypatch):
+    from loratorio import routing
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.Conv2d(5, 5, 1))
+    targets = {"lin": model[0], "conv": model[1]}
+    adapters = [{"lin": lowrank(5, 6, 3), "conv": lowrank(5, 5, 2, kernel=(1, 1))} for _ in range(2)]
+    router = Router(targets, adapters)
+    built = []
+    original = routing._ModulePlan.schedule
+
+    def counted(self, *args, **kwargs):
+        built.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(routing._ModulePlan, "schedule", counted)
+    rows = [slice(2, 4), slice(4, 6)]
+    x = torch.randn(6, 6)
+
+    def run(x):
+        return model[1](model[0](x)[:, :, None, None].expand(-1, -1, 2, 2).contiguous())
+
+    with torch.no_grad():
+        outs = []
+        for _ in range(3):
+            with router.route(rows):
+                outs.append(run(x))
+        assert sorted(built) == ["conv", "lin"]  # planned at the first call only
+        assert all(torch.equal(o, outs[0]) for o in outs)
+        with router.route([slice(0, 2), None]):  # another layout: planned again
+            run(x)
+        assert len(built) == 4
+        for j, r in enumerate(rows):
+            ref = copy.deepcopy(model)
+            ref[0] = merged_copy(model[0], adapters[j]["lin"])
+            ref[1] = merged_copy(model[1], adapters[j]["conv"])
+            with torch.no_grad():
+                want = ref[1](ref[0](x[r])[:, :, None, None].expand(-1, -1, 2, 2).contiguous())
+            assert rel_err(outs[0][r], want) < 1e-5
+
+
+def test_collected_errors_stop_the_routing_and_leave_other_rows_exact():
+    """With ``errors``, a failing module's error is kept instead of raised; unrouted rows stay the module's own."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    targets = {"a": model[0], "b": model[1]}
+    router = Router(targets, [{"a": lowrank(4, 4, 2), "b": lowrank(3, 4, 2)}])
+    x = torch.randn(4, 4)
+    with torch.no_grad():
+        base = model(x)
+        errors: list = []
+        with router.route([slice(2, 4)], errors=errors):
+            routed_out = model(x)
+        assert errors == [] and torch.equal(routed_out[:2], base[:2]) and not torch.equal(routed_out[2:], base[2:])
+        first = next(p for p in router._plans if p.name == "a")
+        first.run = lambda *args: (_ for _ in ()).throw(RuntimeError("injected inside a routed module"))
+        with router.route([slice(2, 4)], errors=errors):
+            out = model(x)
+        with pytest.raises(RuntimeError, match="injected"), router.route([slice(2, 4)]):
+            model(x)  # without ``errors`` the error propagates, as before
+    assert len(errors) == 1 and "injected" in str(errors[0])
+    assert torch.equal(out, base)  # no module was routed after the error: every row is the model's own
+    assert not model[0]._forward_hooks and not model[1]._forward_hooks

@@ -7,14 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from loratorio.settings import INFOTEXT_KEYS, LABELS, UI_ORDER, Settings, SettingsError
+from loratorio.fusion import METHODS
+from loratorio.settings import DEFAULT_METHOD, INFOTEXT_KEYS, LABELS, UI_ORDER, Settings, SettingsError
 
 
 def test_defaults_and_order():
     s = Settings()
     assert UI_ORDER == ("enabled", "recenter", "temperature_scale", "patch_size", "top_k", "probe_every",
-                        "text_encoder_per_branch", "pool", "merge_into_base", "composition_map", "max_rows_per_call")
-    assert s.to_args() == [False, 0.5, 10.0, 2, 0, 1, True, [], [], False, 0]
+                        "text_encoder_per_branch", "pool", "merge_into_base", "composition_map", "max_rows_per_call",
+                        "method")
+    assert s.to_args() == [False, 1.0, 10.0, 2, 0, 1, True, [], [], False, 0, DEFAULT_METHOD]
+    assert DEFAULT_METHOD in METHODS and "paper" in METHODS
     assert Settings.from_args([]) == s
     assert Settings.from_args(s.to_args()) == s
     assert set(LABELS) == set(UI_ORDER)
@@ -22,8 +25,9 @@ def test_defaults_and_order():
 
 def test_positional_form_accepts_ui_values():
     # gradio sliders give floats for whole numbers; numpy scalars may come from components
-    s = Settings.from_args([True, 0.3, 12, 4.0, np.int64(2), 3, np.bool_(False), ("a", "b"), None, True, 8.0])
-    assert s == Settings(True, 0.3, 12.0, 4, 2, 3, False, ["a", "b"], [], True, 8)
+    s = Settings.from_args([True, 0.3, 12, 4.0, np.int64(2), 3, np.bool_(False), ("a", "b"), None, True, 8.0,
+                            "Paper"])
+    assert s == Settings(True, 0.3, 12.0, 4, 2, 3, False, ["a", "b"], [], True, 8, "paper")
     assert isinstance(s.patch_size, int) and isinstance(s.temperature_scale, float)
     assert isinstance(s.text_encoder_per_branch, bool)
 
@@ -37,7 +41,7 @@ def test_dict_form():
     assert s.enabled and s.recenter == 0.2 and s.pool == ["x"] and s.patch_size == 2
     assert not Settings.from_args([{"enabled": False}]).enabled
     # elements after the dict are the API's padding with the UI's initial values: ignored
-    assert Settings.from_args([{"top_k": 3}, 0.9, 1.0]).recenter == 0.5
+    assert Settings.from_args([{"top_k": 3}, 0.9, 1.0]).recenter == Settings().recenter
     # missing keys take the configured defaults when given
     configured = Settings(recenter=0.1, patch_size=4)
     s = Settings.from_args([{"top_k": 1}], defaults=configured)
@@ -63,7 +67,9 @@ def test_dict_form():
     ([{"pool": [""]}], ["'pool'", "non-empty"]),
     ([{"pool": ["a"], "merge_into_base": ["a"]}], ["'a'", "pool and merge_into_base"]),
     ([{"colour": "red", "lamda": 1}], ["'colour'", "'lamda'", "allowed keys", "recenter"]),
-    ([True, 0.5, 10, 2, 0, 1, True, [], [], False, 0, "extra"], ["at most 11", "12"]),
+    ([True, 0.5, 10, 2, 0, 1, True, [], [], False, 0, "paper", "extra"], ["at most 12", "13"]),
+    ([{"method": "merge"}], ["'method'", "'merge'", "'paper'"]),
+    ([{"method": 1}], ["'method'", "int"]),
     ([True, True], ["'recenter'", "True", "number"]),
     ("recenter=1", ["list", "settings dict"]),
 ])
@@ -86,22 +92,31 @@ def test_validate_after_direct_change():
 def test_infotext_round_trip():
     s = Settings(enabled=True, recenter=0.123456789, temperature_scale=7.5, patch_size=3, top_k=2, probe_every=4,
                  text_encoder_per_branch=False, pool=["a b", "c"], merge_into_base=["d"], composition_map=True,
-                 max_rows_per_call=6)
+                 max_rows_per_call=6, method="paper")
     text = s.to_infotext()
     assert text[INFOTEXT_KEYS["enabled"]] == "True"
     assert text["LoRAtorio lambda"] == "0.123456789"
     assert text["LoRAtorio temperature"] == "7.5"
     assert text["LoRAtorio patch"] == "3" and text["LoRAtorio top-k"] == "2"
     assert text["LoRAtorio pool"] == "a b, c"
+    assert text["LoRAtorio method"] == "paper"
     assert Settings.from_infotext(text) == s.to_dict()
+    for method in METHODS:
+        assert Settings.from_infotext(s.copy(method=method).to_infotext())["method"] == method
     assert Settings(enabled=False).to_infotext() == {}
 
 
 def test_infotext_defaults_are_short_and_paste_fills_them():
     text = Settings(enabled=True).to_infotext()
-    assert set(text) == {"LoRAtorio", "LoRAtorio lambda", "LoRAtorio temperature", "LoRAtorio patch",
-                         "LoRAtorio top-k", "LoRAtorio probe every", "LoRAtorio TE per branch"}
-    assert Settings.from_infotext({"LoRAtorio": "True"}) == Settings(enabled=True).to_dict()
+    assert set(text) == {"LoRAtorio", "LoRAtorio method", "LoRAtorio lambda", "LoRAtorio temperature",
+                         "LoRAtorio patch", "LoRAtorio top-k", "LoRAtorio probe every", "LoRAtorio TE per branch"}
+    assert Settings.from_infotext(text) == Settings(enabled=True).to_dict()
+
+
+def test_infotext_from_before_the_method_setting_means_the_paper_method():
+    # an image made before the setting existed was composed by the paper's step: paste-back must say so
+    old = {"LoRAtorio": "True", "LoRAtorio lambda": "0.5", "LoRAtorio temperature": "10"}
+    assert Settings.from_infotext(old)["method"] == "paper"
 
 
 def test_from_infotext_without_entry_and_with_bad_values():

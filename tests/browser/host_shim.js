@@ -145,7 +145,8 @@ function shimSetTokens(elemId, values) {
     inner.querySelectorAll('.token').forEach(function(t) {
         t.remove();
     });
-    var input = inner.querySelector('input');
+    // gradio 3.41: the tokens come first, then the text input in its `.secondary-wrap`
+    var input = inner.querySelector('.secondary-wrap') || inner.querySelector('input');
     values.forEach(function(v) {
         var token = document.createElement('div');
         token.className = 'token';

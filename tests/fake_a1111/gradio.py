@@ -1,19 +1,25 @@
-"""A minimal stand-in for gradio 3.41's component constructors (records their arguments)."""
+"""A minimal stand-in for gradio 3.41's component constructors (records their arguments and nesting)."""
 
 from __future__ import annotations
 
 created: list = []
+_open: list = []  # the blocks whose ``with`` is open, innermost last
 
 
 class Block:
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
+        self.children: list = []
+        if _open:
+            _open[-1].children.append(self)
         created.append(self)
 
     def __enter__(self):
+        _open.append(self)
         return self
 
     def __exit__(self, *exc):
+        _open.remove(self)
         return False
 
 
@@ -41,6 +47,31 @@ class Dropdown(Component):
     def __init__(self, choices=None, value=None, multiselect=False, **kwargs):
         super().__init__(value=value, **kwargs)
         self.choices, self.multiselect = list(choices or []), multiselect
+
+
+class Radio(Component):
+    def __init__(self, choices=None, value=None, **kwargs):
+        super().__init__(value=value, **kwargs)
+        self.choices = list(choices or [])
+
+
+class HTML(Component):
+    pass
+
+
+class Button(Component):
+    """Records its click listeners: ``(fn, inputs, outputs)``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clicks: list = []
+
+    def click(self, fn=None, inputs=None, outputs=None, **kwargs):
+        self.clicks.append((fn, inputs, outputs))
+
+
+def update(**kwargs):
+    return {"__type__": "update", **kwargs}
 
 
 class Row(Block):

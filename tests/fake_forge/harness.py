@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from loratorio.fusion import method_options
+from loratorio.settings import Settings
+
 from . import install
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -251,16 +254,20 @@ def merged_engine(env: Env, loras):
 
 
 def reference_run(env: Env, prompt, branches, *, negative_prompt="", steps=3, cfg_scale=7.0, width=32, height=32,
-                  batch_size=1, seed=0, recenter=0.5, temperature_scale=10.0, patch_size=2, top_k=0, merged=(),
+                  batch_size=1, seed=0, recenter=None, temperature_scale=10.0, patch_size=2, top_k=0, merged=(),
                   sampler="Euler", text_encoder_per_branch=True, control=None, distilled_cfg_scale=3.5,
-                  concat=None):
+                  concat=None, method=None):
     """Final latents of a generation computed the obvious way.
 
     Each step: base predictions from the plain model (with ``merged`` LoRAs), each branch's
     from a separate model with its LoRA merged (and its own text encoder), fused with
     :func:`loratorio.fusion.compose`, then Forge's CFG and the sampler update.
-    ``branches``: ``[(name, te, unet), ...]``.
+    ``branches``: ``[(name, te, unet), ...]``. ``recenter`` and ``method`` default to the
+    shipped settings' (:class:`loratorio.settings.Settings`).
     """
+    defaults = Settings()
+    recenter = defaults.recenter if recenter is None else recenter
+    method = defaults.method if method is None else method
     from backend.sampling.condition import Condition, compile_conditions, compile_weighted_conditions
     from backend.sampling.sampling_function import calc_cond_uncond_batch
     from modules import extra_networks, prompt_parser, sd_samplers
@@ -318,7 +325,8 @@ def reference_run(env: Env, prompt, branches, *, negative_prompt="", steps=3, cf
                       up if has_uncond else None,
                       torch.stack([u for _, u in lora]) if has_uncond and recenter > 0 else None,
                       step=step, x=xx, patch_size=patch_size, temperature_scale=temperature_scale,
-                      recenter=recenter if has_uncond else 0.0, top_k=top_k if 0 < top_k < len(branches) else 0)
+                      recenter=recenter if has_uncond else 0.0, top_k=top_k if 0 < top_k < len(branches) else 0,
+                      **method_options(method))
         u = res.uncond if has_uncond else up
         return u + (res.cond - u) * scale
 

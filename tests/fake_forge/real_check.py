@@ -228,7 +228,7 @@ def step_check(name, patcher, te, sds, cond, uncond, x, sigma, cfg_scale, step=2
     from backend.sampling import sampling_function
 
     from loratorio import host_forge
-    from loratorio.fusion import compose
+    from loratorio.fusion import compose, method_options
     from loratorio.host_common import GenerationState
     from loratorio.routing import Router
     from loratorio.settings import Settings
@@ -281,7 +281,7 @@ def step_check(name, patcher, te, sds, cond, uncond, x, sigma, cfg_scale, step=2
             lu.append(u)
             patcher.refresh_loras()  # and restores them
         res = compose(cp, torch.stack(lc), up if has_uncond else None, torch.stack(lu) if has_uncond else None,
-                      step=step, x=x, recenter=0.5 if has_uncond else 0.0)
+                      step=step, x=x, recenter=0.5 if has_uncond else 0.0, **method_options(settings.method))
         u = res.uncond if has_uncond else up
         ref = u + (res.cond - u) * cfg_scale
     diff = (out - ref).abs().max().item()

@@ -6,10 +6,13 @@ fires ``after_extra_networks_activate``) -> ``process_batch`` -> ``setup_conds``
 WebUI's conditioning cache, shared across processing objects and keyed on the
 extra-network data) -> ``sample`` (hires fix: re-activation with the hires networks, hires
 conds, a new sampler for ``sample_img2img``) -> decode -> ``postprocess_batch`` -> per
-image ``postprocess_image`` and infotext; then ``deactivate`` and ``postprocess``.
+image ``postprocess_image`` and infotext; then ``deactivate``, the result (which takes
+``p.comments``) and ``postprocess``.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
@@ -24,6 +27,10 @@ class PostprocessImageArgs:
 
 
 class Processed:
+    """The result. As in the WebUI (``processing.py:517-525``), ``p.comments`` are copied here
+    when it is built, before the scripts' ``postprocess`` (``:1137-1148``): the UI shows
+    ``comments`` (``txt2img.py:120``), the API returns ``js()`` (``api/api.py:490``)."""
+
     def __init__(self, p, images, infotexts, latents):
         self.images = images
         self.infotexts = infotexts
@@ -32,6 +39,10 @@ class Processed:
         self.latents = latents
         self.comments = "".join(f"{c}\n" for c in p.comments)
         self.extra_generation_params = p.extra_generation_params
+
+    def js(self):
+        return json.dumps({"infotexts": self.infotexts, "extra_generation_params": self.extra_generation_params,
+                           "index_of_first_image": self.index_of_first_image}, default=lambda o: None)
 
 
 def _noise(seeds, shape):

@@ -9,9 +9,10 @@ class OptionInfo:
                  category_id=None):
         self.default, self.label, self.component = default, label, component
         self.component_args, self.section = component_args, section
+        self.comment_after = comment_after
 
     def info(self, text):
-        self.comment_after = text
+        self.comment_after += f"<span class='info'>({text})</span>"
         return self
 
 

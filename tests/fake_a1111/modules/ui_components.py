@@ -1,4 +1,5 @@
-"""Fake ``modules.ui_components.InputAccordion``: a checkbox whose value is the open state."""
+"""Fake ``modules.ui_components``: ``InputAccordion`` (a checkbox whose value is the open state, and a
+``with`` block that holds the accordion's content) and ``ToolButton``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ class InputAccordion(gr.Checkbox):
     def __init__(self, value, **kwargs):
         super().__init__(value=value, **kwargs)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        return False
+class ToolButton(gr.Button):
+    pass

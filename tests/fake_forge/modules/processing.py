@@ -12,6 +12,8 @@ final latents rendered to small RGB pictures (no VAE).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from PIL import Image
@@ -29,14 +31,22 @@ def _take_text_engine_params(sd_model):
 
 
 class Processed:
+    """The result. As in Forge (``processing.py:519-528``), ``p.comments`` are copied here when
+    it is built, before the scripts' ``postprocess`` (``:1144-1156``): the UI shows ``comments``
+    (``txt2img.py:142``), the API returns ``js()`` (``api/api.py:504``)."""
+
     def __init__(self, p, images, latents, infotexts):
         self.images = images
         self.latents = latents
         self.infotexts = infotexts
         self.info = infotexts[0] if infotexts else ""
-        self.comments = "\n".join(p.comments)
+        self.comments = "".join(f"{c}\n" for c in p.comments)
         self.extra_generation_params = dict(p.extra_generation_params)
         self.index_of_first_image = 0
+
+    def js(self):
+        return json.dumps({"infotexts": self.infotexts, "extra_generation_params": self.extra_generation_params,
+                           "index_of_first_image": self.index_of_first_image}, default=lambda o: None)
 
 
 def latent_to_image(latent):
@@ -61,7 +71,7 @@ class StableDiffusionProcessing:
         self.distilled_cfg_scale = distilled_cfg_scale
         self.disable_extra_networks = disable_extra_networks
         self.extra_generation_params = {}
-        self.comments = []
+        self.comments = {}  # a dict used as an ordered set, as in Forge
         self.is_hr_pass = False
         self.iteration = 0
         self.sampler = None
@@ -74,7 +84,7 @@ class StableDiffusionProcessing:
         self.cached_uc = [None, None]
 
     def comment(self, text):
-        self.comments.append(text)
+        self.comments[text] = 1
 
     def setup_prompts(self):
         n = self.batch_size * self.n_iter

@@ -24,8 +24,10 @@ class KModel(torch.nn.Module):
         self.config = _Config(huggingface_repo)
         self.storage_dtype = torch.float32
         self.computation_dtype = torch.float32
+        self.calls = 0  # model calls, for tests and benchmarks that count them per step
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        self.calls += 1
         sigma = t
         xc = self.predictor.calculate_input(sigma, x)
         if c_concat is not None:

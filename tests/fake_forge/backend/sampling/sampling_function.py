@@ -7,8 +7,8 @@ Behaviour reproduced (line numbers in Forge's file):
   ``[uncond rows, cond rows]`` and ``cond_or_uncond == [1, 0]`` (``:164-187, 222-231``);
 - when ``model.memory_required`` of all chunks exceeds the free memory, fewer chunks go
   in one call (``:208-213``), e.g. ``[1]`` and then ``[0]``;
-- ``transformer_options`` gets ``cond_or_uncond``, ``sigmas``, ``cond_indices`` and
-  ``uncond_indices`` (``:253-257``); a ControlNet in the conds computes its control for
+- ``transformer_options`` gets ``cond_or_uncond``, ``sigmas``, ``cond_mark``,
+  ``cond_indices`` and ``uncond_indices`` (``:253-257``); a ControlNet in the conds computes its control for
   the concatenated input before the model call (``:261-268``);
 - ``model_options['model_function_wrapper'](apply_model, {input, timestep, c,
   cond_or_uncond})`` replaces the plain call when present (``:270-273``);
@@ -52,6 +52,20 @@ def _cat_conditioning(items):
     return {k: items[0][k].concat([it[k] for it in items[1:]]) for k in keys}
 
 
+def compute_cond_mark(cond_or_uncond, sigmas):
+    """Per row of the call, the mark of its chunk (0 cond, 1 uncond), as a tensor like ``sigmas`` (``:129-137``)."""
+    per = int(sigmas.shape[0])
+    return torch.tensor([mark for mark in cond_or_uncond for _ in range(per)]).to(sigmas)
+
+
+def compute_cond_indices(cond_or_uncond, sigmas):
+    """Rows of the cond chunks and of the uncond chunks of the call (``:140-151``)."""
+    per = int(sigmas.shape[0])
+    cond = [i * per + r for i, k in enumerate(cond_or_uncond) if k == COND for r in range(per)]
+    uncond = [i * per + r for i, k in enumerate(cond_or_uncond) if k != COND for r in range(per)]
+    return cond, uncond
+
+
 def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
     out_cond = torch.zeros_like(x_in)
     count_cond = torch.ones_like(x_in) * 1e-37
@@ -86,11 +100,9 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
         transformer_options = dict(model_options.get("transformer_options", {}))
         transformer_options["cond_or_uncond"] = cond_or_uncond[:]
         transformer_options["sigmas"] = timestep
-        rows = int(timestep.shape[0])
-        transformer_options["cond_indices"] = [i * rows + r for i, k in enumerate(cond_or_uncond) if k == COND
-                                               for r in range(rows)]
-        transformer_options["uncond_indices"] = [i * rows + r for i, k in enumerate(cond_or_uncond) if k == UNCOND
-                                                 for r in range(rows)]
+        transformer_options["cond_mark"] = compute_cond_mark(cond_or_uncond, timestep)
+        transformer_options["cond_indices"], transformer_options["uncond_indices"] = compute_cond_indices(
+            cond_or_uncond, timestep)
         c["transformer_options"] = transformer_options
 
         control = chunks[0].control

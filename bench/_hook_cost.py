@@ -1,0 +1,142 @@
+"""Fixed cost of routing per routed module, where fixed costs dominate.
+
+On a narrow SD1.5-layout UNet (every level and the text context 32 wide, so each
+module's arithmetic is tiny) at an 8x8 latent, B = 1, N = 4: one *routed* call of the composed step's rows
+(``2N + 2`` rows: the base cond/uncond rows unrouted, each LoRA's cond/uncond rows routed
+to it) against one *plain* call of the same rows. The difference divided by the number
+of routed modules is what a routed module adds to a call: hook dispatch, row bookkeeping
+and the adapters' kernel launches. Measured side by side (paired per repetition).
+
+The routing before the per-module work was cut (revision :data:`BASELINE_REV`, read from
+this repository's git history when there is one) is measured in the same repetitions,
+so the two values are side by side.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import _model, _timing
+from ._workload import Workload
+
+MODEL = "sd15-narrow"
+LATENT = 8
+BATCH = 1
+N = 4
+RANK = 16
+BASELINE_REV = "8d67308"  # the last revision with one hook per module doing all its planning at every call
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def baseline_router():
+    """``Router`` of :data:`BASELINE_REV`'s ``loratorio/routing.py``, or None without git history."""
+    try:
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_REV}:loratorio/routing.py"],
+                                capture_output=True, text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    name = "loratorio._routing_baseline"
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(name, f.name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    return module.Router
+
+
+def routed_rows(work: Workload, n: int) -> list[slice | None]:
+    """Router rows of the one-call layout: block 0 (base cond + uncond) unrouted, block ``j + 1`` LoRA ``j``."""
+    per = 2 * work.batch
+    rows: list[slice | None] = [None] * len(work.adapters)
+    for j in range(n):
+        rows[j] = slice((j + 1) * per, (j + 2) * per)
+    return rows
+
+
+def measure(*, reps: int, warmup: int = 2, sync=lambda: None, device: str | torch.device = "cpu",
+            inner: int = 5, with_baseline: bool = True) -> dict:
+    """``hook_us_per_module`` with its side-by-side samples (``inner`` calls per timed sample)."""
+    model = _model.build(MODEL, device=device)
+    adapters = _model.make_adapters(model.targets, N, rank=RANK, device=device)
+    work = Workload(model, adapters, batch=BATCH, latent=LATENT)
+    args = work.inputs(N + 1, True)
+    rows = routed_rows(work, N)
+
+    def plain():
+        for _ in range(inner):
+            model(*args)
+
+    def routed_with(router):
+        def routed():
+            for _ in range(inner):
+                with router.route(rows):
+                    model(*args)
+
+        return routed
+
+    variants = {"plain": plain, "routed": routed_with(work.router)}
+    baseline = baseline_router() if with_baseline else None
+    if baseline is not None:
+        variants["routed_baseline"] = routed_with(baseline(model.targets, adapters))
+    # On a CPU the work is this thread's: its CPU time leaves out the time other processes take the
+    # core (the machine is shared); on an accelerator the call's wall time is what counts.
+    clock = time.thread_time if torch.device(device).type == "cpu" else time.perf_counter
+    samples = _timing.interleaved(variants, reps=reps, warmup=warmup, sync=sync, clock=clock)
+    modules = len(work.router.modules)
+
+    def per_module(name: str) -> list[float]:
+        return [(r - p) / inner / modules * 1e6
+                for r, p in zip(samples[name].seconds, samples["plain"].seconds, strict=True)]
+
+    diffs = per_module("routed")
+    out = {
+        "hook_us_per_module": statistics.median(diffs),
+        "min": min(diffs),
+        "max": max(diffs),
+        "modules": modules,
+        "plain_ms": samples["plain"].median / inner * 1e3,
+        "routed_ms": samples["routed"].median / inner * 1e3,
+        "rows": int(args[0].shape[0]),
+        "clock": "thread CPU time" if clock is time.thread_time else "wall time",
+        "adapter_flop_share": _adapter_flop_share(model, work.router, args, rows),
+        "setup": {"model": MODEL, "latent": LATENT, "batch": BATCH, "n": N, "rank": RANK, "reps": reps,
+                  "calls_per_sample": inner},
+    }
+    if baseline is not None:
+        before = per_module("routed_baseline")
+        out["baseline"] = {"revision": BASELINE_REV, "hook_us_per_module": statistics.median(before),
+                           "min": min(before), "max": max(before),
+                           "routed_ms": samples["routed_baseline"].median / inner * 1e3}
+    return out
+
+
+def _adapter_flop_share(model, router, args, rows) -> float:
+    """Extra FLOPs of the routed call over the plain one, as a share of the plain call's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as plain:
+        model(*args)
+    with FlopCounterMode(display=False) as routed, router.route(rows):
+        model(*args)
+    return (routed.get_total_flops() - plain.get_total_flops()) / plain.get_total_flops()
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        print(json.dumps(measure(reps=int(sys.argv[1]) if len(sys.argv) > 1 else 15), indent=1))
