@@ -44,7 +44,8 @@ DEFINITIONS = {
     "lambda0_cost_ratio": "step with λ=0 (no LoRA uncond rows) / step with λ=0.5, N=4",
     "adapter_memory_ratio": "bytes the router holds for N=4 rank-16 adapter sets / bytes of their factors as "
                             "loaded",
-    "fusion_fraction": "compose alone at a 128x128 latent, N=4, B=2 / one step at that size (see below)",
+    "fusion_fraction": "compose alone (the shipped method and λ) at a 128x128 latent, N=4, B=2 / one step at that "
+                       "size (see below)",
     "model_calls_per_step": "UNet calls of one composed denoiser evaluation (N=4, λ=0.5, B=2), counted through "
                             "the fake A1111's and the fake Forge's model; the larger of the two",
     "hook_us_per_module": "(routed call − plain call of the same 2N+2 rows) / routed modules, µs (CPU: the "

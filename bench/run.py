@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from bench import _hook_cost, _hosts, _model, _report, _timing  # noqa: E402
 from bench._workload import Workload  # noqa: E402
-from loratorio.fusion import compose  # noqa: E402
+from loratorio.fusion import compose, method_options  # noqa: E402
 from loratorio.selection import ProbePolicy  # noqa: E402
 from loratorio.settings import Settings  # noqa: E402
 
@@ -250,7 +250,8 @@ def measure_sweep(model: _model.Model, pool: list[dict], ns, latent: int, batch:
 
 
 def measure_fusion(device: torch.device, dtype: torch.dtype, reps: int, sync) -> _timing.Samples:
-    """``compose`` alone at a 128x128 latent, N = 4, B = 2, lambda 0.5, denoised form, step 5."""
+    """``compose`` alone with the shipped method and lambda at a 128x128 latent, N = 4, B = 2, denoised form,
+    step 5."""
     gen = torch.Generator().manual_seed(3)
     shape = (FUSION_BATCH, 4, FUSION_LATENT, FUSION_LATENT)
 
@@ -259,7 +260,10 @@ def measure_fusion(device: torch.device, dtype: torch.dtype, reps: int, sync) ->
 
     x, base_cond, base_uncond = rand(), rand(), rand()
     lora_cond, lora_uncond = rand(N_MAIN), rand(N_MAIN)
-    fn = lambda: compose(base_cond, lora_cond, base_uncond, lora_uncond, step=5, x=x, recenter=RECENTER)  # noqa: E731
+    def fn():
+        return compose(base_cond, lora_cond, base_uncond, lora_uncond, step=5, x=x, recenter=DEFAULT.recenter,
+                       **method_options(DEFAULT.method))
+
     return _timing.interleaved({"compose": fn}, reps=reps, warmup=2, sync=sync)["compose"]
 
 

@@ -30,7 +30,8 @@
     })();
 
     var LABELS = {
-        recenter: 'Re-centring (lambda)',
+        method: 'Method',
+        recenter: 'Lambda (re-centring)',
         temperature_scale: 'Temperature scale',
         patch_size: 'Patch size',
         top_k: 'Top-k LoRAs per patch',
@@ -49,8 +50,13 @@
             'the model: each LoRA runs as its own branch and acts where it differs most from the base model, ' +
             'so concepts stay apart instead of bleeding into each other or washing out. ' +
             'Costs about N + 1 times the time of a plain generation with N LoRAs.',
-        'Re-centring (lambda)': 'How far the negative (unconditional) prediction follows the LoRAs: 0 = the base ' +
-            'model alone, 1 = the LoRAs alone; 0.5 (default) balances LoRA strength against artefacts. ' +
+        'Method': 'How the LoRAs are fused. resolve (default): every LoRA adds its own change to the base ' +
+            'model\'s prediction; only where two LoRAs push the same patch opposite ways does the one that owns ' +
+            'the patch keep its change. paper: the published LoRAtorio step (each patch shared by SoftMin ' +
+            'weights that sum to one). Same speed.',
+        'Lambda (re-centring)': 'How far the negative (unconditional) prediction follows the LoRAs: 1 (default) = ' +
+            'it carries the LoRAs\' own change, so guidance does not over-amplify them; lower = stronger ' +
+            'concepts but burnt or black images at usual CFG scales; 0 = the base model alone. ' +
             'Speed: 0 skips every LoRA\'s negative pass, which saves N of the 2N + 2 model evaluations per ' +
             'step (3 LoRAs: 5 instead of 8).',
         'Temperature scale': 'How decisively each patch is handed to the LoRA that differs most from the base ' +

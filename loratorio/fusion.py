@@ -38,13 +38,20 @@ paper's step exactly):
   image's patches, so a LoRA that differs from the base everywhere (a style, a
   background) no longer wins every patch: each LoRA wins where it differs more than it
   usually does;
-- ``mix = "delta"`` (steps 7-8): ``base + sum_i g_i (lora_i - base)`` with gates
-  ``g_i = w_i / max_j w_j`` (the patch's winner acts in full, the others in proportion
-  to their SoftMin weight): the gates need not sum to one, so LoRAs that change
-  different things in the same patch all keep their change, as in a merge, while a
-  LoRA that loses a patch clearly is held back there;
+- ``mix = "resolve"`` (steps 7-8): ``base + sum_i g_i (lora_i - base)``; a LoRA keeps
+  its whole difference (``g_i = 1``) unless another LoRA pushes the same patch the
+  opposite way and owns the patch more by the SoftMin weights:
+  ``g_i = 1 - max_j conflict_ij * w_j / (w_i + w_j)``. LoRAs that change different
+  things in the same patch keep all of their changes, as in a merge; ownership (the
+  paper's idea) only settles conflicts. One LoRA alone gives its own prediction;
+- ``mix = "delta"``: the same form with ``g_i = w_i / max_j w_j`` (the patch's owner in
+  full, the others in proportion to their SoftMin weight);
 - ``mix = "sum"``: every (top-k selected) LoRA's difference in full, the output-space
   counterpart of a merge computed on isolated branches.
+
+The gates of the delta mixes need not sum to one. :data:`METHODS` names the option sets
+a user picks from: ``paper`` (none of them) and ``resolve`` (the default; see
+docs/method.md and docs/quality.md for the evidence).
 
 For the delta mixes the unconditional side is ``base_uncond + lambda * sum_i g_i
 (lora_uncond_i - base_uncond)``; with ``lambda = 1`` the negative prediction carries the
@@ -58,7 +65,7 @@ samplers) or *noise* predictions (eps or velocity, A1111's DDIM/PLMS/UniPC). Wit
 given, predictions are treated as denoised and the similarity uses the residual
 ``x - prediction`` (= sigma * eps; cosine ignores the positive factor sigma). Without
 ``x`` they are noise-like and compared directly. Mixing happens in the form given:
-every mix has weights summing to one per pixel, so both forms give the same step.
+every mix is affine, so both forms give the same step.
 """
 
 from __future__ import annotations
@@ -137,6 +144,33 @@ def _channel_patch_vectors(desc: torch.Tensor, patch_size: int) -> torch.Tensor:
     return vec.movedim(-4, -2).flatten(-2)
 
 
+def _patch_sums(values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[..., H, W]`` -> ``[..., Ph, Pw]``: the sum over each patch (zero padded at the bottom/right edge).
+
+    Patch statistics as sums, without building the patch vectors (a copy of the whole tensor).
+    """
+    h, w = values.shape[-2:]
+    ph, pw = -(-h // patch_size), -(-w // patch_size)
+    if ph * patch_size != h or pw * patch_size != w:
+        values = F.pad(values, (0, pw * patch_size - w, 0, ph * patch_size - h))
+    lead = values.shape[:-2]
+    return values.reshape(*lead, ph, patch_size, pw, patch_size).sum(dim=(-3, -1))
+
+
+def _difference_gram(base: torch.Tensor, lora: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[N, N, B, Ph, Pw]``: dot products of the LoRAs' differences from the base over each patch (channels
+    kept), in float32. Its diagonal holds each LoRA's squared difference size per patch."""
+    diff = lora.float() - base.float().unsqueeze(0)
+    return _patch_sums((diff.unsqueeze(1) * diff.unsqueeze(0)).sum(dim=3), patch_size)
+
+
+def _activity_similarity(gram: torch.Tensor) -> torch.Tensor:
+    """The ``activity`` descriptor from :func:`_difference_gram`: minus each LoRA's difference size per patch
+    relative to its mean over the image, ``[N, B, Ph, Pw]``."""
+    size = torch.diagonal(gram, dim1=0, dim2=1).movedim(-1, 0).clamp_min(0).sqrt()
+    return -size / size.mean(dim=(-2, -1), keepdim=True).clamp_min(_NORM_EPS)
+
+
 def _patch_vectors(desc: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``[..., H, W]`` -> ``[..., Ph, Pw, p*p]``, zero padded at the bottom/right edge."""
     h, w = desc.shape[-2:]
@@ -169,9 +203,7 @@ def patch_similarity(
     patches. Returns float32 ``[N, B, Ph, Pw]`` with ``Ph = ceil(H / p)``.
     """
     if descriptor == "activity":
-        diff = _channel_patch_vectors(lora.float() - base.float().unsqueeze(0), patch_size)
-        size = diff.norm(dim=-1)
-        sim = -size / size.mean(dim=(-2, -1), keepdim=True).clamp_min(_NORM_EPS)
+        sim = _activity_similarity(_difference_gram(base, lora, patch_size))
     else:
         if descriptor == "channels":
             base_vec = _channel_patch_vectors(_channel_residual(base, x), patch_size)
@@ -280,16 +312,15 @@ def _mix_delta(gates: torch.Tensor, base: torch.Tensor, preds: torch.Tensor, str
     return base + strength * (gates.to(dtype) * (preds.to(dtype) - base)).sum(0)
 
 
-def _conflict_gates(weights: torch.Tensor, base: torch.Tensor, lora: torch.Tensor, patch_size: int) -> torch.Tensor:
+def _conflict_gates(weights: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """``resolve`` gates ``[N, B, Ph, Pw]``: a LoRA keeps its whole difference unless another LoRA pushes the
     same patch the opposite way and owns the patch more (by the SoftMin ``weights``).
 
     ``g_i = 1 - max_j conflict_ij * w_j / (w_i + w_j)`` with ``conflict_ij = max(0, -cos(d_i, d_j))`` of the
     LoRAs' differences from the base in the patch (channels kept; the same in both prediction forms).
     """
-    diff = _channel_patch_vectors(lora.float() - base.float().unsqueeze(0), patch_size)  # [N, B, Ph, Pw, D]
-    unit = diff / diff.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS)
-    conflict = (-torch.einsum("ibhwd,jbhwd->ijbhw", unit, unit)).clamp_min(0)
+    norm = torch.diagonal(gram, dim1=0, dim2=1).movedim(-1, 0).clamp_min(0).sqrt().clamp_min(_NORM_EPS)
+    conflict = (-gram / (norm.unsqueeze(0) * norm.unsqueeze(1))).clamp_min(0)
     n = weights.shape[0]
     conflict = conflict * (1 - torch.eye(n, dtype=conflict.dtype, device=conflict.device))[:, :, None, None, None]
     share = weights.unsqueeze(0) / (weights.unsqueeze(0) + weights.unsqueeze(1)).clamp_min(
@@ -342,12 +373,20 @@ def compose(
     _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_size, temperature_scale, recenter, top_k,
               descriptor, mix)
     height, width = base_cond.shape[-2:]
-    similarity = patch_similarity(base_cond, lora_cond, x=x, patch_size=patch_size, descriptor=descriptor,
-                                  centred=bool(centred))
+    # the resolve gates and the activity descriptor share the patch sums of the LoRAs' differences
+    gram = _difference_gram(base_cond, lora_cond, patch_size) if descriptor == "activity" or \
+        mix == "resolve" else None
+    if descriptor == "activity":
+        similarity = _activity_similarity(gram)
+        if centred:
+            similarity = similarity - similarity.mean(dim=(-2, -1), keepdim=True)
+    else:
+        similarity = patch_similarity(base_cond, lora_cond, x=x, patch_size=patch_size, descriptor=descriptor,
+                                      centred=bool(centred))
     patch_weights = softmin_weights(similarity, step=step, temperature_scale=temperature_scale, top_k=top_k)
     if mix != "convex":
         if mix == "resolve":
-            patch_gates = _conflict_gates(patch_weights, base_cond, lora_cond, patch_size)
+            patch_gates = _conflict_gates(patch_weights, gram)
             if 0 < top_k < patch_weights.shape[0]:
                 patch_gates = patch_gates * (patch_weights > 0)  # step 5: only the selected LoRAs act
         else:

@@ -977,9 +977,12 @@ CACHE_OPTION = "loratorio_cache_mb"
 CACHE_DEFAULT_MB = 1024
 OPTION_KEYS: dict[str, str] = {
     name: f"loratorio_default_{name}"
-    for name in ("recenter", "temperature_scale", "patch_size", "top_k", "probe_every",
+    for name in ("temperature_scale", "patch_size", "top_k", "probe_every",
                  "text_encoder_per_branch", "composition_map", "max_rows_per_call", "method")
 }
+# A new key for lambda: the WebUI keeps every applied setting, and the 0.5 stored by versions
+# before the methods would give the default method a negative that lets guidance burn images.
+OPTION_KEYS["recenter"] = "loratorio_default_lambda"
 XYZ_PREFIX = "[LoRAtorio] "
 OVERRIDES_ATTR = "loratorio_overrides"  # set on the processing object by XYZ axes
 
@@ -1177,23 +1180,19 @@ def _add_refresh_button(dropdowns: list, known, refresh: Callable[[], None] | No
 
 
 def paste_fields(components: Mapping) -> list[tuple]:
-    """``(component, key or callable)`` pairs for pasting infotext back into the UI.
+    """``(component, callable)`` pairs for pasting infotext back into the UI.
 
-    The accordion turns off when the pasted text has no LoRAtorio entry; the LoRA lists
-    are parsed from their joined form; scalar settings use their infotext keys.
+    The accordion turns off when the pasted text has no LoRAtorio entry. With the entry,
+    every setting is set: the infotext leaves out settings at their defaults (and images
+    from before the method setting were made by the paper's step), so a key the text
+    does not have must reset the component rather than leave the current value.
     """
     fields: list[tuple] = [(components["enabled"], lambda d: Settings.from_infotext(d)["enabled"])]
-    for name in UI_ORDER[1:]:
-        if name in ("pool", "merge_into_base", "method"):
-            # parsed values: lists from their joined form; an image from before the method
-            # setting was composed by the paper's step, which its text does not name
-            fields.append((components[name], _list_getter(name)))
-        else:
-            fields.append((components[name], INFOTEXT_KEYS[name]))
+    fields += [(components[name], _setting_getter(name)) for name in UI_ORDER[1:]]
     return fields
 
 
-def _list_getter(name: str):
+def _setting_getter(name: str):
     def get(params):
         if INFOTEXT_KEYS["enabled"] not in params:
             return None

@@ -354,7 +354,7 @@ _KIND = {
 
 LABELS: dict[str, str] = {
     "enabled": "LoRAtorio",
-    "recenter": "Re-centring (lambda)",
+    "recenter": "Lambda (re-centring)",
     "temperature_scale": "Temperature scale",
     "patch_size": "Patch size",
     "top_k": "Top-k LoRAs per patch",

@@ -649,7 +649,7 @@ def test_xyz_axes_override_settings(fake):
     fake.script_callbacks.before_ui_callback()
     fake.script_callbacks.before_ui_callback()  # a UI reload must not add them twice
     labels = [o.label for o in xyz_grid.axis_options if o.label.startswith("[LoRAtorio]")]
-    assert labels == ["[LoRAtorio] Enabled", "[LoRAtorio] Re-centring (lambda)", "[LoRAtorio] Temperature scale",
+    assert labels == ["[LoRAtorio] Enabled", "[LoRAtorio] Lambda (re-centring)", "[LoRAtorio] Temperature scale",
                       "[LoRAtorio] Patch size", "[LoRAtorio] Top-k", "[LoRAtorio] Method"]
     assert options_choices(xyz_grid, "[LoRAtorio] Method") == list(METHODS)
     options = {o.label: o for o in xyz_grid.axis_options}

@@ -46,11 +46,16 @@ def test_ui_takes_defaults_from_the_settings_page(fake):
     fake.script_callbacks.ui_settings_callback()
     opts = fake.shared.opts
     assert host_common.CACHE_OPTION in opts.data_labels
-    opts.loratorio_default_recenter = 0.2
+    opts.loratorio_default_recenter = 0.5  # stored by a version before the methods: no longer read
+    components = script.ui(False)
+    assert components[UI_ORDER.index("recenter")].value == Settings().recenter
+    opts.loratorio_default_lambda = 0.2
     opts.loratorio_default_top_k = 2
+    opts.loratorio_default_method = "paper"
     components = script.ui(False)
     values = dict(zip(UI_ORDER, [c.value for c in components], strict=True))
     assert values["recenter"] == 0.2 and values["top_k"] == 2 and values["enabled"] is False
+    assert values["method"] == "paper"
     # an invalid stored value falls back to the built-in defaults instead of breaking the UI
     opts.loratorio_default_patch_size = -3
     components = script.ui(False)
@@ -65,10 +70,16 @@ def test_paste_fields(fake):
     pasted = {**Settings(enabled=True, recenter=0.3, pool=["a", "b"]).to_infotext()}
     assert enabled_key(pasted) is True
     assert enabled_key({"Steps": "20"}) is False
-    assert fields[id(components[UI_ORDER.index("recenter")])] == INFOTEXT_KEYS["recenter"]
+    assert fields[id(components[UI_ORDER.index("recenter")])](pasted) == 0.3
     assert fields[id(components[UI_ORDER.index("pool")])](pasted) == ["a", "b"]
     assert fields[id(components[UI_ORDER.index("pool")])]({"Steps": "20"}) is None
     assert INFOTEXT_KEYS["recenter"] in script.paste_field_names
+    # settings at their defaults are not in the text: pasting resets them, it does not keep the UI's value
+    get = {name: fields[id(components[UI_ORDER.index(name)])] for name in UI_ORDER}
+    assert get["composition_map"](pasted) is False and get["max_rows_per_call"](pasted) == 0
+    assert get["method"](pasted) == Settings().method
+    assert get["method"]({"LoRAtorio": "True", "LoRAtorio lambda": "0.5"}) == "paper"  # made before the setting
+    assert all(get[name]({"Steps": "20"}) is None for name in UI_ORDER[1:])  # a plain image: only switched off
 
 
 def _known_names(html: str) -> list[str]:

@@ -30,7 +30,8 @@ PAGE = "tests/browser/index.html"
 APT_HINT = "apt-get install -y chromium chromium-driver"
 
 LABELS = {
-    "recenter": "Re-centring (lambda)",
+    "method": "Method",
+    "recenter": "Lambda (re-centring)",
     "temperature_scale": "Temperature scale",
     "patch_size": "Patch size",
     "top_k": "Top-k LoRAs per patch",
@@ -247,7 +248,7 @@ def test_every_setting_has_a_tooltip(browser, server):
                 "const span = [...el.querySelectorAll('span')].find(s => s.textContent.trim() === arguments[1]);"
                 "return [el.title, span ? span.title : null];", f"loratorio_{tab}_{key}", label)
             assert titles == [hints[label], hints[label]], (tab, key, titles)
-    assert "N of the 2N + 2" in hints["Re-centring (lambda)"]
+    assert "N of the 2N + 2" in hints["Lambda (re-centring)"]
     assert "VRAM" in hints["Max rows per model call"] and "0 = no limit" in hints["Max rows per model call"]
     assert "0 = all LoRAs blend" in hints["Top-k LoRAs per patch"]
     # the host's own entries are kept
