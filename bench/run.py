@@ -75,7 +75,7 @@ class Mode:
 MODES = {
     "smoke": Mode("smoke", "tiny", latent=8, reps=1, warmup=1, sweep_latent=8, sweep_reps=1, sweep_ns=(1, 2),
                   prune_latent=8, prune_reps=1, fusion_reps=1, hook_reps=1),
-    "quick": Mode("quick", "sd15-2level", latent=16, reps=3, sweep_latent=8, sweep_reps=2, prune_latent=16,
+    "quick": Mode("quick", "sd15-2level", latent=16, reps=5, sweep_latent=8, sweep_reps=2, prune_latent=16,
                   prune_reps=1),
     "full": Mode("full", "sd15", latent=32, reps=3, sweep_latent=16, sweep_reps=1, prune_latent=24, prune_reps=1),
     "gpu": Mode("gpu", "sd15", latent=64, reps=10, warmup=2, sweep_latent=64, sweep_reps=5, prune_latent=64,
