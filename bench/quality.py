@@ -3,14 +3,17 @@
 Builds (and caches outside the repository) a procedurally generated 16x16 world with
 ComposLoRA's categories, a small text-conditioned denoiser trained from scratch on its
 generic scenes, one LoRA per concept trained with the base frozen, and a judge that
-recognises concepts. Then samples every ComposLoRA-style composition (one character
-plus N - 1 concepts of distinct other categories, N = 2..5) with each composition
-method on the same seeds, scores the images with the judge and writes the report.
+recognises concepts, once per training seed. Then samples ComposLoRA-style compositions
+(one character plus N - 1 concepts of distinct other categories, N = 2..5) and a
+two-subject set (two character LoRAs in one image) with each composition method on the
+same noise, scores the images with the judge and writes the report, with paired
+differences over compositions and seeds.
 
 Usage::
 
     python bench/quality.py            # full run, writes docs/quality.md and docs/images/quality_*.png
     python bench/quality.py --quick    # small sizes, report under the cache directory
+    python bench/quality.py --quick --json       # ... and one JSON object on stdout instead of the table
     python bench/quality.py --quick --out docs   # ... or wherever asked
 
 Trained artefacts live in ``~/.cache/loratorio-quality/<config hash>/`` (or

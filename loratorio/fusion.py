@@ -374,8 +374,8 @@ def compose(
               descriptor, mix)
     height, width = base_cond.shape[-2:]
     # the resolve gates and the activity descriptor share the patch sums of the LoRAs' differences
-    gram = _difference_gram(base_cond, lora_cond, patch_size) if descriptor == "activity" or \
-        mix == "resolve" else None
+    needs_gram = descriptor == "activity" or mix == "resolve"
+    gram = _difference_gram(base_cond, lora_cond, patch_size) if needs_gram else None
     if descriptor == "activity":
         similarity = _activity_similarity(gram)
         if centred:
