@@ -124,18 +124,15 @@ def temperature(step: int, temperature_scale: float) -> float:
     return 1.0 / (float(temperature_scale) * step)
 
 
-def _channel_mean_residual(pred: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-    """Noise-like residual averaged over channels, in float32 (``[..., H, W]``)."""
-    pred = pred.float()
-    if x is not None:
-        pred = x.float() - pred
-    return pred.mean(dim=-3)
-
-
 def _channel_residual(pred: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
     """Noise-like residual with the channels kept, in float32 (``[..., C, H, W]``)."""
     pred = pred.float()
     return x.float() - pred if x is not None else pred
+
+
+def _channel_mean_residual(pred: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """Noise-like residual averaged over channels, in float32 (``[..., H, W]``)."""
+    return _channel_residual(pred, x).mean(dim=-3)
 
 
 def _channel_patch_vectors(desc: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -202,8 +199,14 @@ def patch_similarity(
     the module docstring). ``centred`` subtracts each LoRA's mean over the image's
     patches. Returns float32 ``[N, B, Ph, Pw]`` with ``Ph = ceil(H / p)``.
     """
+    return _similarity(base, lora, x, patch_size, descriptor, centred)
+
+
+def _similarity(base, lora, x, patch_size: int, descriptor: str, centred: bool,
+                gram: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`patch_similarity`; ``gram`` (from :func:`_difference_gram`) saves recomputing it for ``activity``."""
     if descriptor == "activity":
-        sim = _activity_similarity(_difference_gram(base, lora, patch_size))
+        sim = _activity_similarity(gram if gram is not None else _difference_gram(base, lora, patch_size))
     else:
         if descriptor == "channels":
             base_vec = _channel_patch_vectors(_channel_residual(base, x), patch_size)
@@ -376,13 +379,7 @@ def compose(
     # the resolve gates and the activity descriptor share the patch sums of the LoRAs' differences
     needs_gram = descriptor == "activity" or mix == "resolve"
     gram = _difference_gram(base_cond, lora_cond, patch_size) if needs_gram else None
-    if descriptor == "activity":
-        similarity = _activity_similarity(gram)
-        if centred:
-            similarity = similarity - similarity.mean(dim=(-2, -1), keepdim=True)
-    else:
-        similarity = patch_similarity(base_cond, lora_cond, x=x, patch_size=patch_size, descriptor=descriptor,
-                                      centred=bool(centred))
+    similarity = _similarity(base_cond, lora_cond, x, patch_size, descriptor, bool(centred), gram)
     patch_weights = softmin_weights(similarity, step=step, temperature_scale=temperature_scale, top_k=top_k)
     if mix != "convex":
         if mix == "resolve":
