@@ -16,11 +16,13 @@ the piece(s) one LoRA applies to that module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["Dense", "LowRank", "OutputSlice", "delta_weight", "pieces", "total_nbytes"]
+__all__ = ["Dense", "LowRank", "OutputSlice", "all_finite", "check_fit", "delta_weight", "pieces", "scaled_set",
+           "total_nbytes", "truncate_rank"]
 
 
 def _tensor(name: str, value) -> torch.Tensor:
@@ -193,3 +195,113 @@ def delta_weight(entry, weight_shape) -> torch.Tensor:
         else:
             total += _fit(piece.delta(), shape)
     return total
+
+
+# -- operations on adapter sets --------------------------------------------------------------
+
+
+def _tensors(piece) -> list[torch.Tensor]:
+    if isinstance(piece, OutputSlice):
+        return _tensors(piece.inner)
+    if isinstance(piece, LowRank):
+        return [t for t in (piece.down, piece.up, piece.mid) if t is not None]
+    return [t for t in (piece.delta_tensor, piece.bias) if t is not None]
+
+
+def all_finite(*adapter_sets: Mapping) -> bool:
+    """Whether every tensor of every piece in ``adapter_sets`` is finite (no NaN or infinity)."""
+    for adapter_set in adapter_sets:
+        for entry in adapter_set.values():
+            for piece in pieces(entry):
+                if not all(torch.isfinite(t).all() for t in _tensors(piece)):
+                    return False
+    return True
+
+
+def _scaled_piece(piece, factor: float):
+    if isinstance(piece, OutputSlice):
+        return OutputSlice(_scaled_piece(piece.inner, factor), piece.offset, piece.size)
+    out = copy.copy(piece)  # shares the tensors; only the scalar changes
+    out.scale = piece.scale * factor
+    if isinstance(out, Dense) and out.bias is not None:
+        # Dense has no separate bias scale; the bias delta follows the multiplier too
+        out.bias = out.bias * factor
+    return out
+
+
+def scaled_set(adapter_set: Mapping, factor: float) -> dict:
+    """The adapter set with every piece's ``scale`` multiplied by ``factor`` (tensors shared)."""
+    out = {}
+    for name, entry in adapter_set.items():
+        items = [_scaled_piece(p, factor) for p in pieces(entry)]
+        out[name] = items[0] if len(items) == 1 else items
+    return out
+
+
+def truncate_rank(adapter_set: Mapping, rank: int | None) -> dict:
+    """Keep the first ``rank`` components of low-rank pieces (the tag's ``dyn`` value).
+
+    The scale is left as loaded (alpha over the file's rank), as the WebUI's own loader
+    does. Tucker and dense pieces are kept whole.
+    """
+    if not rank:
+        return dict(adapter_set)
+
+    def cut(piece):
+        if isinstance(piece, OutputSlice):
+            return OutputSlice(cut(piece.inner), piece.offset, piece.size)
+        if isinstance(piece, LowRank) and piece.mid is None and piece.rank > rank:
+            return LowRank(piece.down[:rank], piece.up[:, :rank], piece.scale)
+        return piece
+
+    out = {}
+    for name, entry in adapter_set.items():
+        items = [cut(p) for p in pieces(entry)]
+        out[name] = items[0] if len(items) == 1 else items
+    return out
+
+
+def _weight_shape(module, packed: bool) -> tuple[int, ...] | None:
+    if packed and getattr(module, "in_proj_weight", None) is not None:
+        weight = module.in_proj_weight
+    else:
+        weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    # 4-bit quantised weights (bitsandbytes NF4/FP4) store packed bytes; the logical
+    # shape is kept on their quant state.
+    logical = getattr(getattr(weight, "quant_state", None), "shape", None)
+    return tuple(logical) if logical is not None else tuple(weight.shape)
+
+
+def _piece_fit(piece, shape: tuple[int, ...]) -> str | None:
+    out_f, in_f, kernel = shape[0], shape[1], tuple(shape[2:]) or (1, 1)
+    if isinstance(piece, OutputSlice):
+        if piece.offset + piece.size > out_f:
+            return f"output slice {piece.offset}:{piece.offset + piece.size} beyond {out_f} features"
+        piece, out_f = piece.inner, piece.size
+    if piece.out_features != out_f or piece.in_features != in_f:
+        return f"[{piece.out_features}, {piece.in_features}] for a [{out_f}, {in_f}] layer"
+    if tuple(piece.kernel_size) != kernel:
+        return f"kernel {tuple(piece.kernel_size)} for a {kernel} layer"
+    return None
+
+
+def check_fit(adapter_set: Mapping, targets: Mapping[str, torch.nn.Module], packed: bool = False) -> str | None:
+    """Why ``adapter_set`` cannot apply to ``targets`` (first problem found), or None when it fits.
+
+    ``packed``: the pieces merge into a packed projection (``in_proj_weight`` when the
+    module has one) instead of being routed.
+    """
+    for name, entry in adapter_set.items():
+        module = targets.get(name)
+        if module is None:
+            return f"layer {name} not in this model"
+        shape = _weight_shape(module, packed)
+        if shape is None or len(shape) not in (2, 4):
+            return f"layer {name} has no linear or convolution weight"
+        for piece in pieces(entry):
+            problem = _piece_fit(piece, shape)
+            if problem:
+                return f"layer {name}: {problem}"
+    return None

@@ -12,8 +12,8 @@ import logging
 
 from modules import scripts
 
-from loratorio import host_common
-from loratorio.settings import LABELS
+from loratorio.host_ui import build_ui
+from loratorio.settings import LABELS, Settings
 
 log = logging.getLogger("loratorio")
 
@@ -61,9 +61,9 @@ class LoratorioScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        defaults = host.defaults() if host is not None and hasattr(host, "defaults") else host_common.Settings()
+        defaults = host.defaults() if host is not None and hasattr(host, "defaults") else Settings()
         names = getattr(host, "lora_names", None) or (lambda: [])
-        return host_common.build_ui(self, is_img2img, defaults, names, getattr(host, "refresh_loras", None))
+        return build_ui(self, is_img2img, defaults, names, getattr(host, "refresh_loras", None))
 
     def process(self, p, *args):
         _call("process", p, *args)

@@ -218,10 +218,10 @@ def reference_step(fake, step, files_mults, prompt, negative, settings, denoised
 
 def assert_branch_conds_match_merged_copies(fake, state, files, prompt, negative):
     """Per-branch text conditioning (routed / temporarily merged) equals a merged copy's."""
-    from loratorio import host_a1111
+    from loratorio import host_a1111, host_a1111_text
 
-    conds = host_a1111._branch_conds(state, host_a1111.A1111Bridge(), [prompt], [negative], 32, 32, STEPS, None,
-                                     "check")
+    conds = host_a1111_text._branch_conds(state, host_a1111.A1111Bridge(), [prompt], [negative], 32, 32, STEPS, None,
+                                          "check")
     for j, (path, te_mult, unet_mult) in enumerate(files):
         m = merged_copy(fake.shared.sd_model, [path], te_mult, unet_mult)
         for got, text in ((conds.cond[j].batch[0][0].schedules[0].cond, prompt),

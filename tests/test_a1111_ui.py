@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from loratorio import host_common
+from loratorio import host_options, host_ui
 from loratorio.settings import INFOTEXT_KEYS, LABELS, UI_ORDER, Settings
 from tests import fake_a1111 as fa
 from tests.fake_a1111.model import TinySD
@@ -45,7 +45,7 @@ def test_ui_takes_defaults_from_the_settings_page(fake):
     script, _ = fa.load_script(fake)
     fake.script_callbacks.ui_settings_callback()
     opts = fake.shared.opts
-    assert host_common.CACHE_OPTION in opts.data_labels
+    assert host_options.CACHE_OPTION in opts.data_labels
     opts.loratorio_default_recenter = 0.5  # stored by a version before the methods: no longer read
     components = script.ui(False)
     assert components[UI_ORDER.index("recenter")].value == Settings().recenter
@@ -88,7 +88,7 @@ def _known_names(html: str) -> list[str]:
     import json
     import re
 
-    match = re.fullmatch(rf'<div {host_common.KNOWN_LORAS_ATTR}="([^"]*)"></div>', html)
+    match = re.fullmatch(rf'<div {host_ui.KNOWN_LORAS_ATTR}="([^"]*)"></div>', html)
     assert match, html
     return json.loads(html_lib.unescape(match.group(1)))
 
@@ -125,7 +125,7 @@ def test_the_page_gets_every_name_a_tag_can_use(fake, tmp_path):
 
 
 def test_names_with_quotes_survive_the_html_attribute():
-    html = host_common.known_loras_html(['a"b', "c'd", "<e>&"])
+    html = host_ui.known_loras_html(['a"b', "c'd", "<e>&"])
     assert _known_names(html) == ['a"b', "c'd", "<e>&"]
 
 
@@ -152,8 +152,8 @@ def test_settings_page_says_what_zero_means(fake):
     fa.load_script(fake)
     fake.script_callbacks.ui_settings_callback()
     labels = fake.shared.opts.data_labels
-    top_k = labels[host_common.OPTION_KEYS["top_k"]]
-    max_rows = labels[host_common.OPTION_KEYS["max_rows_per_call"]]
+    top_k = labels[host_options.OPTION_KEYS["top_k"]]
+    max_rows = labels[host_options.OPTION_KEYS["max_rows_per_call"]]
     assert top_k.label == "Default " + LABELS["top_k"] and max_rows.label == "Default " + LABELS["max_rows_per_call"]
     assert "0 = all" in top_k.comment_after and "0 = no limit" in max_rows.comment_after
     assert max_rows.component is fake.gradio.Slider

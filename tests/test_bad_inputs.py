@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from loratorio.fusion import METHODS
-from loratorio.host_common import Reason
+from loratorio.loading import Reason
 from loratorio.settings import INFOTEXT_KEYS, Settings, SettingsError
 from tests.soak import A1111Host, ForgeHost, Result, light_host
 

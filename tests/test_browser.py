@@ -2,7 +2,7 @@
 
 A static page (tests/browser/index.html) imitates the parts of the WebUI's DOM the script
 touches: the prompt boxes, the LoRAtorio InputAccordion with its hidden checkbox and header,
-the settings in the rows ``host_common.build_ui`` makes and in gradio 3.41's markup, the
+the settings in the rows ``host_ui.build_ui`` makes and in gradio 3.41's markup, the
 hidden list of known LoRA names, and the WebUI's script.js callbacks. The test types prompts with real key
 presses through chromedriver and checks the accordion header's summary, the tooltips, the
 theme colours, and that nothing throws when the controls are missing. Screenshots of the

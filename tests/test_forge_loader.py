@@ -6,17 +6,17 @@ import pytest
 import torch
 from fake_forge.harness import make_env
 
-from loratorio.host_common import LoraLoadError
+from loratorio.loading import LoraLoadError
 from loratorio.lora import Dense, LowRank, OutputSlice, delta_weight, pieces
 
 
 def _load(env, name):
     from backend.utils import load_torch_file
 
-    from loratorio import host_forge
+    from loratorio import host_forge_lora
 
     sd = load_torch_file(str(env.files[name]))
-    return host_forge.loaded_from_state_dict(sd, env.engine.forge_objects.unet.model, env.engine.text_encoders)
+    return host_forge_lora.loaded_from_state_dict(sd, env.engine.forge_objects.unet.model, env.engine.text_encoders)
 
 
 def _forge_delta(env, name, root_name, key):
@@ -190,7 +190,7 @@ def test_quantized_weights_use_their_logical_shape(monkeypatch, tmp_path):
     from backend.patcher.lora import merge_lora_to_weight
     from backend.utils import get_attr_with_parent
 
-    from loratorio import host_forge
+    from loratorio import host_forge_lora
 
     layer = torch.nn.Module()
     packed = torch.nn.Parameter(torch.zeros(48 * 32 // 2, 1, dtype=torch.uint8), requires_grad=False)
@@ -201,7 +201,7 @@ def test_quantized_weights_use_their_logical_shape(monkeypatch, tmp_path):
     up, down = torch.randn(48, 4), torch.randn(4, 32)
     patches = {"proj.weight": ("lora", (up, down, 2.0, None, None)),
                "proj.bias": ("diff", (torch.randn(48),))}
-    adapters, kinds, skipped = host_forge.adapters_from_patches(patches, root, merge=merge_lora_to_weight,
+    adapters, kinds, skipped = host_forge_lora.adapters_from_patches(patches, root, merge=merge_lora_to_weight,
                                                                 get_attr_with_parent=get_attr_with_parent)
     piece = adapters["proj"]
     assert kinds == {"lora"}
@@ -209,6 +209,6 @@ def test_quantized_weights_use_their_logical_shape(monkeypatch, tmp_path):
     torch.testing.assert_close(delta_weight(piece, (48, 32)), 0.5 * up @ down)
     assert skipped == [("proj.bias", "only weight patches are composed (bias/norm patch left out)")]
     dora = {"proj.weight": ("lora", (up, down, 2.0, None, torch.ones(48, 1)))}
-    adapters, _, skipped = host_forge.adapters_from_patches(dora, root, merge=merge_lora_to_weight,
+    adapters, _, skipped = host_forge_lora.adapters_from_patches(dora, root, merge=merge_lora_to_weight,
                                                             get_attr_with_parent=get_attr_with_parent)
     assert not adapters and "quantized" in skipped[0][1]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from fake_forge.harness import make_env, reference_run
 
-from loratorio import host_forge, routing
+from loratorio import host_forge, host_forge_pass, host_forge_step, routing
 
 
 def _sha(path):
@@ -62,7 +62,7 @@ def _inject(mp, where, boom):
         def texts(*a, **k):
             raise boom
 
-        mp.setattr(host_forge, "branch_texts", texts)
+        mp.setattr(host_forge_pass, "branch_texts", texts)
     else:  # our second activation of the built-in LoRA fails
         from modules import extra_networks
 
@@ -145,7 +145,7 @@ def test_user_interrupt_mid_generation(monkeypatch, tmp_path):
     w0 = env.weights()
     from modules import shared
 
-    original = host_forge._post_cfg
+    original = host_forge_step._post_cfg
     count = {"n": 0}
 
     def post_cfg(*a, **k):
@@ -154,7 +154,7 @@ def test_user_interrupt_mid_generation(monkeypatch, tmp_path):
             shared.state.interrupt()
         return original(*a, **k)
 
-    monkeypatch.setattr(host_forge, "_post_cfg", post_cfg)
+    monkeypatch.setattr(host_forge_step, "_post_cfg", post_cfg)
     _, _out = env.run(prompt, {}, steps=5)
     assert count["n"] == 2  # step 1 interrupts; the sampler stops before step 2
     _clean(env, w0)
@@ -231,16 +231,16 @@ def test_hires_fix_restarts_the_schedule_and_reuses_branch_texts(monkeypatch, tm
     from backend.sampling import sampling_function
 
     calls = {"n": 0}
-    original = host_forge.branch_texts
+    original = host_forge_pass.branch_texts
 
     def counted(*a, **k):
         calls["n"] += 1
         return original(*a, **k)
 
-    monkeypatch.setattr(host_forge, "branch_texts", counted)
+    monkeypatch.setattr(host_forge_pass, "branch_texts", counted)
     steps_seen = []
-    original_step = host_forge.pass_step
-    monkeypatch.setattr(host_forge, "pass_step", lambda d: steps_seen.append(original_step(d)) or steps_seen[-1])
+    original_step = host_forge_step.pass_step
+    monkeypatch.setattr(host_forge_step, "pass_step", lambda d: steps_seen.append(original_step(d)) or steps_seen[-1])
     p, _out = env.run(prompt, {}, enable_hr=True, hr_second_pass_steps=2, denoising_strength=0.5, steps=3)
     assert calls["n"] == 2  # first pass and hires pass (Forge calls the hook twice for the hires pass)
     assert p.scripts.calls.count("process_before_every_sampling") == 3
@@ -297,14 +297,14 @@ def test_an_error_in_postprocess_names_its_step_and_is_reported_without_losing_t
     env = make_env(monkeypatch, tmp_path)
     prompt = _two_loras(env)
     w0 = env.weights()
-    original = host_forge._release_pass
+    original = host_forge.release_pass
 
     def release(p, state):
         if sys._getframe(1).f_code.co_name == "postprocess":
             raise RuntimeError("injected restore failure")
         return original(p, state)
 
-    monkeypatch.setattr(host_forge, "_release_pass", release)
+    monkeypatch.setattr(host_forge, "release_pass", release)
     from modules import errors
 
     before = len(errors.REPORTED)
@@ -317,5 +317,5 @@ def test_an_error_in_postprocess_names_its_step_and_is_reported_without_losing_t
     assert p.extra_generation_params["LoRAtorio note"] == ("restoring the model after the last pass failed: "
                                                            "injected restore failure")
     assert len(out.images) == 1 and torch.isfinite(_latents(out)).all()
-    monkeypatch.setattr(host_forge, "_release_pass", original)
+    monkeypatch.setattr(host_forge, "release_pass", original)
     _clean(env, w0)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from loratorio.host_common import CACHE_DEFAULT_MB, XYZ_PREFIX
+from loratorio.host_options import CACHE_DEFAULT_MB, XYZ_PREFIX
 from loratorio.settings import INFOTEXT_KEYS, LABELS, UI_ORDER, Settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

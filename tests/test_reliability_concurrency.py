@@ -15,9 +15,10 @@ import weakref
 import pytest
 import torch
 
-from loratorio import engine, host_common, routing
+from loratorio import engine, host_ui, routing
 from loratorio.engine import Composer
-from loratorio.host_common import Branch, GenerationState, get_state
+from loratorio.generation import GenerationState, get_state
+from loratorio.loading import Branch
 from loratorio.routing import Router
 from loratorio.settings import INFOTEXT_KEYS, Settings
 from tests.soak import light_host
@@ -39,7 +40,7 @@ def host(request, monkeypatch, tmp_path):
 def _generation_kinds():
     kinds = [GenerationState, Composer, Router, Branch]
     try:
-        from loratorio.host_forge import PassContext
+        from loratorio.host_forge_step import PassContext
 
         kinds.append(PassContext)
     except ImportError:
@@ -139,7 +140,7 @@ def test_reading_state_from_another_thread_during_a_generation(host, monkeypatch
         assert state.report().startswith("LoRAtorio: composing 2 LoRA(s): good, good2")
         pasted = Settings.from_infotext(info)
         assert pasted["enabled"] and pasted["recenter"] == 0.25 and pasted["top_k"] == 1
-        fields = host_common.paste_fields({name: object() for name in Settings().to_dict()})
+        fields = host_ui.paste_fields({name: object() for name in Settings().to_dict()})
         values = [key(info) if callable(key) else info.get(key) for _, key in fields]
         assert values[0] is True and 0.25 in values
         assert {"good", "good2"} <= set(host.host.lora_names())

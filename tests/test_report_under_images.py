@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from loratorio.host_common import Reason
+from loratorio.loading import Reason
 from loratorio.settings import INFOTEXT_KEYS
 from tests.soak import light_host
 
@@ -65,12 +65,13 @@ def test_a_refused_generation_says_so_once(host):
 
 
 def test_an_error_in_the_last_hook_follows_the_report_on_its_own_line(host, monkeypatch):
-    from loratorio import host_common
+    from loratorio import host_a1111, host_forge
 
     def broken(state, processed):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(host_common, "append_maps", broken)
+    for adapter in (host_a1111, host_forge):  # each adapter's postprocess calls the shared function
+        monkeypatch.setattr(adapter, "append_maps", broken)
     res = host.run("a cat <lora:good> <lora:good2>", {"composition_map": True})
     assert shown(res) == [
         "LoRAtorio: composing 2 LoRA(s): good, good2",

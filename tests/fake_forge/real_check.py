@@ -136,10 +136,10 @@ def _compare_loader(name, sd, patcher, te):
     import torch
     from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
 
-    from loratorio import host_forge
+    from loratorio import host_forge_lora
     from loratorio.lora import delta_weight
 
-    loaded = host_forge.loaded_from_state_dict(sd, patcher.model, te)
+    loaded = host_forge_lora.loaded_from_state_dict(sd, patcher.model, te)
     pu, rest = load_lora(dict(sd), model_lora_keys_unet(patcher.model, {}))
     pt, _ = load_lora(rest, model_lora_keys_clip(te, {}))
     worst = torch.zeros(())
@@ -214,7 +214,8 @@ def loader_checks():
 
 
 def _branch(name, loaded, mult):
-    from loratorio.host_common import Branch, BranchSpec, LoraFile, scaled_set
+    from loratorio.loading import Branch, BranchSpec, LoraFile
+    from loratorio.lora import scaled_set
 
     return Branch(spec=BranchSpec(name, mult, mult), file=LoraFile(name, name), unet=scaled_set(loaded.unet, mult),
                   te={}, te_merge={})
@@ -227,28 +228,28 @@ def step_check(name, patcher, te, sds, cond, uncond, x, sigma, cfg_scale, step=2
     from backend.patcher.lora import load_lora, model_lora_keys_unet
     from backend.sampling import sampling_function
 
-    from loratorio import host_forge
+    from loratorio import host_forge_lora, host_forge_step
     from loratorio.fusion import compose, method_options
-    from loratorio.host_common import GenerationState
+    from loratorio.generation import GenerationState
     from loratorio.routing import Router
     from loratorio.settings import Settings
 
     mults = [1.0, 0.7]
     settings = Settings(enabled=True, recenter=0.5)
     state = GenerationState(settings)
-    loaded = [host_forge.loaded_from_state_dict(sd, patcher.model, te) for sd in sds]
+    loaded = [host_forge_lora.loaded_from_state_dict(sd, patcher.model, te) for sd in sds]
     state.branches = [_branch(f"l{i}", ld, m) for i, (ld, m) in enumerate(zip(loaded, mults))]
-    bridge = SimpleNamespace(unet_targets=lambda: host_forge._weight_targets(patcher.model))
+    bridge = SimpleNamespace(unet_targets=lambda: host_forge_lora._weight_targets(patcher.model))
     state.extra["bridge"] = bridge
     state.router = Router(bridge.unet_targets(), [b.unet for b in state.branches])
     state.new_composer()
     p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=step, steps=steps,
                                                                                 total_steps=steps)),
                         cfg_scale=cfg_scale)
-    ctx = host_forge.PassContext(state=state, p=p)
+    ctx = host_forge_step.PassContext(state=state, p=p)
     ctx.cond_scale = cfg_scale
     unet = patcher.clone()
-    unet.set_model_sampler_post_cfg_function(host_forge.make_post_cfg(ctx))
+    unet.set_model_sampler_post_cfg_function(host_forge_step.make_post_cfg(ctx))
     real_free = memory_management.get_free_memory
     if free is not None:
         def low(dev=None, torch_free_too=False):

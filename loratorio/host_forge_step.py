@@ -1,0 +1,574 @@
+"""Forge adapter, the per-step functions registered on the pass's UNet clone.
+
+Forge never fires ``on_cfg_denoised``; its sampler hands every extension a *post-CFG
+function* instead (``backend/sampling/sampling_function.py:314-317``). Per sampling pass
+the UNet clone gets
+
+- a conditioning modifier (:func:`make_scale_recorder`) that records the CFG scale and
+  prepares the step: where it can, it hands Forge ``model_options`` with a
+  ``model_function_wrapper`` that adds the branch rows to Forge's own model call (one
+  call per step: Forge's cond/uncond chunks, then per branch a copy of each chunk's rows
+  with the branch's own text), routes them to their LoRAs inside that call only and
+  gives Forge back its own rows;
+- a post-CFG function (:func:`make_post_cfg`) that fuses the branch predictions with the
+  base predictions (method steps 1-8) and returns the guided result. Where a host feature
+  keeps the branches out of Forge's call (a ControlNet, another extension's
+  model-function wrapper, an AND prompt, the max-rows setting, too little free memory:
+  see ``_fold_refusal``), it runs them through Forge's ``calc_cond_uncond_batch`` with the
+  compiled conds it receives, in calls of their own.
+
+The base rows are never routed: per-row LoRA hooks (:mod:`loratorio.routing`) touch only
+the branch rows, and exist only while a model call with branch rows runs. Forge's
+predictions are always *denoised* (x0) estimates, for every model family
+(``backend/modules/k_model.py:25-46``); fusion runs in that form with ``x``.
+
+An error here stops the generation (:func:`guarded`, :func:`fail`) through the WebUI's
+interrupt, and gives Forge back the patcher the pass cloned (:func:`release_pass`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .generation import GenerationState, get_state, usable
+from .host_forge_lora import _forge
+from .host_lifecycle import stop_generation
+from .routing import RoutingError
+
+__all__ = ["PassContext", "fail", "guarded", "make_post_cfg", "make_scale_recorder", "note", "pass_step",
+           "release_pass"]
+
+# -- the per-step hook ------------------------------------------------------------------------
+
+
+def pass_step(denoiser) -> int:
+    """0-based sampling step of the current pass from Forge's CFG denoiser.
+
+    ``denoiser.step`` counts model calls; second-order samplers make two per step and
+    declare ``total_steps = 2 * steps`` (``modules/sd_samplers_common.py:17-21``), so
+    both calls of a step get the same index. (``state.sampling_step`` lags a step
+    behind: the sampler's callback sets it after each step.)
+    """
+    calls = int(getattr(denoiser, "step", 0) or 0)
+    steps = int(getattr(denoiser, "steps", 0) or 0)
+    total = int(getattr(denoiser, "total_steps", 0) or 0)
+    if steps <= 0 or total <= 0:
+        return calls
+    return min(steps - 1, calls * steps // total)
+
+
+def _cfg(opts: Mapping, x, sigma, model, cond_scale: float, edit_strength: float, cond, uncond):
+    """Forge's CFG step (``sampling_function.py:305-312``) on x0 predictions ``cond``/``uncond``."""
+    fn = opts.get("sampler_cfg_function")
+    if fn is not None:
+        args = {"cond": x - cond, "uncond": x - uncond, "cond_scale": cond_scale, "timestep": sigma, "input": x,
+                "sigma": sigma, "cond_denoised": cond, "uncond_denoised": uncond, "model": model,
+                "model_options": opts}
+        return x - fn(args)
+    if not math.isclose(edit_strength, 1.0):
+        return uncond + (cond - uncond) * cond_scale * edit_strength
+    return uncond + (cond - uncond) * cond_scale
+
+
+@dataclass
+class PassContext:
+    """What the post-CFG function of one sampling pass needs (kept on the generation state).
+
+    ``texts[j]``: branch ``j``'s ``(cond, uncond)`` prompt conditioning from its own text
+    encoder (WebUI schedule objects; ``uncond`` may be None), or None for the base text.
+    """
+
+    state: GenerationState
+    p: object
+    texts: list = field(default_factory=list)
+    max_rows: int = 0
+    cond_scale: float | None = None
+    closed: bool = False
+    source_unet: object = None  # the patcher this pass cloned
+    unet: object = None  # the clone carrying the LoRAtorio step
+    calls: list = field(default_factory=list)  # (rows, branches) of every routed model call
+    step_texts: dict = field(default_factory=dict)
+    fold: _Fold | None = None  # the current model call's branch rows inside Forge's own batch
+    post_cfg: Callable | None = None  # this pass's post-CFG function (to know whether it runs first)
+
+
+_COND, _UNCOND = 0, 1  # Forge's cond_or_uncond marks
+
+
+@dataclass
+class _Fold:
+    """Branch rows that ride in Forge's own model call of one denoiser evaluation.
+
+    Prepared by the conditioning modifier (which runs before Forge batches cond and
+    uncond), filled by the model-function wrapper when the call runs (``outputs[(j,
+    kind)]``: branch ``j``'s x0 rows for that chunk kind), read by the post-CFG function.
+    ``done`` holds the kinds already evaluated: a later call in the same step (another
+    extension's post-CFG pass) runs plain.
+    """
+
+    step: int
+    active: list[int]
+    batch: int
+    use_uncond: bool
+    texts: dict
+    outputs: dict = field(default_factory=dict)
+    done: set = field(default_factory=set)
+    closed: bool = False
+    error: BaseException | None = None
+
+
+def _spans(rows: int, group: Sequence[int], batch: int) -> list[list[slice]]:
+    """Row slices of each member of ``group`` in a model call of ``rows`` rows.
+
+    The branch input is ``len(group)`` blocks of ``batch`` rows (branch-major). Forge
+    concatenates whole copies of it, one per chunk (``cond_or_uncond`` entry), and a
+    wrapper may batch it further; the layout therefore repeats every
+    ``len(group) * batch`` rows, whatever the order of the chunks.
+    """
+    block = len(group) * batch
+    if rows <= 0 or rows % block:
+        raise RoutingError(f"a model call of {rows} rows does not hold whole copies of the {block} branch rows; "
+                           "another extension changed the batch inside the model call")
+    return [[slice(c * block + k * batch, c * block + (k + 1) * batch) for c in range(rows // block)]
+            for k in range(len(group))]
+
+
+def _routed_options(ctx: PassContext, opts: Mapping, group: Sequence[int], batch: int) -> dict:
+    """A copy of ``model_options`` whose model-function wrapper routes ``group``'s LoRAs around the model call.
+
+    A wrapper already there (tiled diffusion, ...) is kept and handed a routed
+    ``apply_model``, so it runs as usual with the branches' LoRAs switched on only
+    inside the actual model call.
+    """
+    previous = opts.get("model_function_wrapper")
+    n = len(ctx.state.branches)
+
+    def routed(apply_model):
+        def call(x, t, **c):
+            # a branch owns one row block per chunk of the call (AND parts, a wrapper batching tiles)
+            spans = _spans(x.shape[0], group, batch)
+            rows: list = [None] * n
+            for k, j in enumerate(group):
+                rows[j] = spans[k]
+            ctx.calls.append((int(x.shape[0]), len(group)))
+            with ctx.state.router.route(rows):
+                return apply_model(x, t, **c)
+
+        return call
+
+    def wrapper(apply_model, params):
+        if previous is not None:
+            return previous(routed(apply_model), params)
+        return routed(apply_model)(params["input"], params["timestep"], **params["c"])
+
+    out = dict(opts)
+    out["model_function_wrapper"] = wrapper
+    return out
+
+
+_TEXT_CONDS = ("c_crossattn", "y")  # what a branch's own text encoder changes: tokens and pooled vector
+
+
+def _branch_conds(base: list, owns: list) -> list:
+    """Compiled conds of a branch call: ``base`` (one dict per AND part, B rows each) with each branch's text.
+
+    ``owns[k]`` is the k-th branch's own compiled list (same parts) or None for the base
+    text. Everything else (image conds, Flux guidance, ControlNet, AND strength) stays as
+    Forge built it; Forge repeats those conditions to the rows of the call, which tiles
+    them once per branch.
+    """
+    if all(o is None for o in owns):
+        return base
+    out = []
+    for m, entry in enumerate(base):
+        model_conds = dict(entry["model_conds"])
+        for key in _TEXT_CONDS:
+            cond = model_conds.get(key)
+            base_tensor = getattr(cond, "cond", None)
+            if not isinstance(base_tensor, torch.Tensor):
+                continue
+            rows = []
+            for own in owns:
+                mine = own[m]["model_conds"].get(key) if own is not None else None
+                mine = getattr(mine, "cond", None)
+                rows.append(base_tensor if mine is None else mine.to(base_tensor))
+            model_conds[key] = type(cond)(torch.cat(rows))
+        new = dict(entry)
+        new["model_conds"] = model_conds
+        out.append(new)
+    return out
+
+
+def _group_size(ctx: PassContext, model, x: torch.Tensor, parts: int, n_active: int) -> int:
+    """Branches per model call: within the max-rows setting and what Forge's estimate says fits in free memory."""
+    batch = int(x.shape[0])
+    g = n_active
+    if ctx.max_rows > 0:
+        g = max(1, min(g, ctx.max_rows // max(1, batch * parts)))
+    estimate = getattr(model, "memory_required", None)
+    if estimate is not None and g > 1:
+        free = _forge().memory.get_free_memory(x.device)
+        while g > 1 and estimate([g * batch, *x.shape[1:]]) >= free:
+            g -= 1
+    return g
+
+
+def _run_branches(ctx: PassContext, active: list[int], args: Mapping, conds: list, kind: str) -> torch.Tensor:
+    """x0 predictions of the ``active`` branches for the compiled ``conds``: ``[len(active), B, C, H, W]``."""
+    forge = _forge()
+    x, sigma, model, opts = args["input"], args["sigma"], args["model"], args["model_options"]
+    batch = int(x.shape[0])
+    g = _group_size(ctx, model, x, len(conds), len(active))
+    outs = []
+    for start in range(0, len(active), g):
+        group = active[start:start + g]
+        x_t = x.repeat(len(group), *([1] * (x.dim() - 1)))
+        sigma_t = sigma.repeat(len(group))
+        own = [ctx.step_texts.get(j, (None, None))[0 if kind == "cond" else 1] for j in group]
+        conds_t = _branch_conds(conds, own)
+        out, _ = forge.sampling.calc_cond_uncond_batch(model, conds_t, None, x_t, sigma_t,
+                                                       _routed_options(ctx, opts, group, batch))
+        outs.append(out.reshape(len(group), batch, *x.shape[1:]))
+    return torch.cat(outs)
+
+
+def _compile_step_texts(ctx: PassContext, base_cond: list, base_uncond: list | None, active: list[int]) -> dict:
+    """The active branches' own text conds at the denoiser's current model call (prompt editing follows)."""
+    if not ctx.texts:
+        return {}
+    from modules import prompt_parser
+
+    forge = _forge()
+    denoiser = getattr(getattr(ctx.p, "sampler", None), "model_wrap_cfg", None)
+    call = int(getattr(denoiser, "step", 0) or 0)
+    out = {}
+    for j in active:
+        texts = ctx.texts[j] if j < len(ctx.texts) else None
+        if texts is None:
+            continue
+        c, uc = texts
+        composition, tensor = prompt_parser.reconstruct_multicond_batch(c, call)
+        cond = forge.condition.compile_weighted_conditions(tensor, composition)
+        uncond = None
+        if uc is not None and base_uncond is not None:
+            uncond = forge.condition.compile_conditions(prompt_parser.reconstruct_cond_batch(uc, call))
+            if len(uncond) != len(base_uncond):
+                uncond = None
+        if len(cond) != len(base_cond):
+            continue  # another extension reshaped the conds: the base text is the safe choice
+        out[j] = (cond, uncond)
+    return out
+
+
+def _post_cfg(ctx: PassContext, args: Mapping) -> torch.Tensor:
+    """One denoising step: branch predictions, fusion (method steps 1-8), Forge's CFG on the fused pair."""
+    state = ctx.state
+    composer = state.composer
+    x, sigma, model, opts = args["input"], args["sigma"], args["model"], args["model_options"]
+    cond, uncond = args["cond"], args["uncond"]
+    cond_pred, uncond_pred = args["cond_denoised"], args["uncond_denoised"]
+    cond_scale = ctx.cond_scale if ctx.cond_scale is not None else float(getattr(ctx.p, "cfg_scale", 1.0))
+    # At CFG 1 Forge runs no uncond pass and uncond_pred is zeros (sampling_function.py:295-298).
+    uncond_ran = uncond is not None and not (math.isclose(cond_scale, 1.0)
+                                             and not opts.get("disable_cfg1_optimization", False))
+    fold, ctx.fold = ctx.fold, None
+    if fold is not None:
+        fold.closed = True  # later calls of this step (the branch calls below, if any) run plain
+        if fold.error is not None:
+            raise fold.error
+        step, active = fold.step, fold.active
+    else:
+        step = pass_step(getattr(getattr(ctx.p, "sampler", None), "model_wrap_cfg", None))
+        active = composer.active(step)
+    if not active:
+        return args["denoised"]
+    use_uncond = uncond_ran and composer.needs_uncond
+    if composer.needs_uncond and not uncond_ran:
+        state.extra["steps_without_uncond"] = state.extra.get("steps_without_uncond", 0) + 1
+    state.extra["steps"] = state.extra.get("steps", 0) + 1
+    folded = fold.outputs if fold is not None else {}
+    need = [("cond", _COND, cond)] + ([("uncond", _UNCOND, uncond)] if use_uncond else [])
+    preds = {}
+    for name, kind, conds in need:
+        if all((j, kind) in folded for j in active):
+            preds[name] = torch.stack([folded[(j, kind)] for j in active])
+            continue
+        # this kind did not ride in Forge's call (see _fold_refusal): the branches' own call
+        if not ctx.step_texts:
+            ctx.step_texts = (fold.texts if fold is not None else
+                              _compile_step_texts(ctx, cond, uncond if use_uncond else None, active))
+        try:
+            preds[name] = _run_branches(ctx, active, args, conds, name)
+        finally:
+            ctx.step_texts = {}
+    lora_cond, lora_uncond = preds["cond"], preds.get("uncond")
+    res = composer.fuse(step=step, active=active, base_cond=cond_pred, lora_cond=lora_cond,
+                        base_uncond=uncond_pred if uncond_ran else None, lora_uncond=lora_uncond, x=x)
+    fused_uncond = res.uncond if uncond_ran else uncond_pred
+    edit_strength = sum(item.get("strength", 1) for item in cond)
+    base = _cfg(opts, x, sigma, model, cond_scale, edit_strength, cond_pred, uncond_pred)
+    fused = _cfg(opts, x, sigma, model, cond_scale, edit_strength, res.cond, fused_uncond)
+    if _runs_first(ctx, opts):
+        return fused  # nothing ran before: Forge's CFG result is ``base`` itself
+    return args["denoised"] + (fused - base)  # keep what earlier post-CFG functions added
+
+
+def _runs_first(ctx: PassContext, opts: Mapping) -> bool:
+    """Whether this pass's post-CFG function is the first Forge runs (no earlier one changed the CFG result)."""
+    functions = opts.get("sampler_post_cfg_function") or []
+    return bool(functions) and ctx.post_cfg is not None and functions[0] is ctx.post_cfg
+
+
+def make_post_cfg(ctx: PassContext) -> Callable[[dict], torch.Tensor]:
+    """The post-CFG function of one pass: ``fn(args) -> denoised`` (``sampling_function.py:314-317``).
+
+    ``args`` (all in the denoised form): ``denoised`` (the CFG result so far), ``cond`` /
+    ``uncond`` (compiled condition lists), ``cond_denoised`` / ``uncond_denoised`` (base
+    predictions), ``input`` (x), ``sigma``, ``model`` (KModel), ``model_options``.
+    A closure, not a bound method: Forge deep-copies ``model_options`` on every clone
+    and copies functions by reference. An error stops the generation through the
+    WebUI's interrupt after this step, which keeps the base result.
+    """
+
+    def post_cfg(args):
+        if ctx.closed or not usable(ctx.state) or ctx.state.composer is None:
+            return args["denoised"]
+        try:
+            return _post_cfg(ctx, args)
+        except Exception as exc:
+            ctx.closed = True
+            fail(ctx.p, ctx.state, exc, "composing a step")
+            return args["denoised"]
+
+    return post_cfg
+
+
+def make_scale_recorder(ctx: PassContext) -> Callable:
+    """A conditioning modifier (``sampling_function.py:359-360``): records the CFG scale and prepares the step.
+
+    It runs before Forge batches cond and uncond: where the branch rows can join Forge's
+    own model call (:func:`_fold_refusal`), the ``model_options`` it returns carry a
+    model-function wrapper that adds them to that call. Conds, x and scale are unchanged.
+    """
+
+    def record(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        ctx.cond_scale = float(cond_scale)
+        ctx.fold = None
+        if ctx.closed or not usable(ctx.state) or ctx.state.composer is None:
+            return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+        try:
+            model_options = _prepare_fold(ctx, model, x, uncond, cond, float(cond_scale), model_options)
+        except Exception as exc:
+            ctx.closed = True
+            fail(ctx.p, ctx.state, exc, "preparing a step")
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    return record
+
+
+def _uncond_runs(opts: Mapping, uncond, cond_scale: float) -> bool:
+    """Whether Forge evaluates the uncond rows (no CFG-1 optimisation, ``sampling_function.py:295-298``)."""
+    return uncond is not None and not (math.isclose(cond_scale, 1.0)
+                                       and not opts.get("disable_cfg1_optimization", False))
+
+
+def _fold_refusal(ctx: PassContext, model, x: torch.Tensor, uncond, cond, opts: Mapping, rows: int) -> str | None:
+    """Why the branch rows cannot join Forge's own model call at this step (None: they can).
+
+    - another extension's ``model_function_wrapper`` (tiled diffusion, ...) may split or
+      rearrange the call's rows, so the branch rows keep a call of their own through it;
+    - a ControlNet computes its control from the call's rows before the model call
+      (``sampling_function.py:261-268``), for the base rows only;
+    - AND prompts: Forge's batch of several sub-prompt chunks does not say which chunk is
+      which sub-prompt, so a branch's own text could not be matched to it; area or mask
+      conds cover part of the latent;
+    - the max-rows setting, or Forge's free-memory estimate, does not allow the larger call.
+    """
+    if "model_function_wrapper" in opts:
+        return "another model-function wrapper"
+    parts = list(cond) + list(uncond or [])
+    if any(part.get("control") is not None for part in parts):
+        return "ControlNet"
+    if len(cond) != 1 or (uncond is not None and len(uncond) != 1):
+        return "AND prompt"
+    if any("area" in part or "mask" in part for part in parts):
+        return "area conditioning"
+    if ctx.max_rows > 0 and rows > ctx.max_rows:
+        return "more rows than max_rows_per_call"
+    estimate = getattr(model, "memory_required", None)
+    if estimate is not None and estimate([rows, *x.shape[1:]]) >= _forge().memory.get_free_memory(x.device):
+        return "not enough free memory"
+    return None
+
+
+def _prepare_fold(ctx: PassContext, model, x, uncond, cond, cond_scale: float, opts: Mapping):
+    """Set up :attr:`PassContext.fold` and return ``model_options`` with the wrapper that fills it (or unchanged)."""
+    state = ctx.state
+    composer = state.composer
+    step = pass_step(getattr(getattr(ctx.p, "sampler", None), "model_wrap_cfg", None))
+    active = composer.active(step)
+    if not active or state.router is None:
+        return opts
+    uncond_ran = _uncond_runs(opts, uncond, cond_scale)
+    use_uncond = uncond_ran and composer.needs_uncond
+    batch = int(x.shape[0])
+    kinds = 2 if uncond_ran else 1
+    rows = batch * kinds * (1 + len(active)) if use_uncond else batch * (kinds + len(active))
+    if _fold_refusal(ctx, model, x, uncond, cond, opts, rows):
+        return opts
+    texts = _compile_step_texts(ctx, cond, uncond if use_uncond else None, active)
+    ctx.fold = _Fold(step, active, batch, use_uncond, texts)
+    out = dict(opts)
+    out["model_function_wrapper"] = _fold_wrapper(ctx)
+    return out
+
+
+def _own_text(fold: _Fold, j: int, kind: int, key: str, like: torch.Tensor) -> torch.Tensor | None:
+    """Branch ``j``'s own ``key`` text rows for a chunk of ``kind`` laid out as ``like`` (None: the base rows)."""
+    own = fold.texts.get(j)
+    conds = None if own is None else own[kind]
+    if not conds:
+        return None
+    tensor = getattr(conds[0]["model_conds"].get(key), "cond", None)
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    tensor = tensor.to(like)
+    if tensor.shape[0] != like.shape[0]:
+        tensor = tensor.repeat(-(-like.shape[0] // tensor.shape[0]), *([1] * (tensor.dim() - 1)))[:like.shape[0]]
+    if tensor.dim() == 3 and tensor.shape[1] != like.shape[1]:
+        if like.shape[1] % tensor.shape[1]:
+            raise RoutingError(f"branch text of {tensor.shape[1]} tokens does not tile the call's {like.shape[1]}")
+        tensor = tensor.repeat(1, like.shape[1] // tensor.shape[1], 1)  # Forge pads cond/uncond to a common length
+    return tensor
+
+
+def _fold_wrapper(ctx: PassContext) -> Callable:
+    """The model-function wrapper that adds the branch rows to Forge's call and keeps their outputs.
+
+    The call's rows become ``[Forge's chunks | branch blocks]``: per active branch (in
+    order) one block of ``B`` rows per chunk of a kind it needs, each a copy of that
+    chunk's rows with the branch's own text. ``transformer_options`` describe the longer
+    batch (``cond_or_uncond``, indices, marks), so patches that act per chunk treat a
+    branch block as a chunk of its kind. The branch rows are routed to their LoRAs only
+    inside the call; Forge gets back its own rows.
+    """
+
+    def wrapper(apply_model, params):
+        fold = ctx.fold
+        x, t, c, marks = params["input"], params["timestep"], params["c"], list(params["cond_or_uncond"])
+        if fold is None or fold.closed or ctx.closed:
+            return apply_model(x, t, **c)
+        batch = fold.batch
+        n = int(x.shape[0])
+        if n != len(marks) * batch:
+            return apply_model(x, t, **c)  # not a layout this step prepared: its branches run apart
+        blocks = []
+        for j in fold.active:
+            for o, kind in enumerate(marks):
+                if kind in fold.done or (kind == _UNCOND and not fold.use_uncond):
+                    continue
+                blocks.append((j, kind, o))
+        if not blocks:
+            return apply_model(x, t, **c)
+        fold.done.update(kind for _, kind, _ in blocks)
+        picks = [slice(o * batch, (o + 1) * batch) for _, _, o in blocks]
+        x_ext = torch.cat([x, *(x[r] for r in picks)])
+        t_ext = torch.cat([t, *(t[r] for r in picks)])
+        c_ext = {}
+        for key, value in c.items():
+            if key == "transformer_options":
+                c_ext[key] = _extended_options(value, marks + [kind for _, kind, _ in blocks])
+            elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+                parts = [value]
+                for (j, kind, _o), r in zip(blocks, picks, strict=True):
+                    own = _own_text(fold, j, kind, key, value[r]) if key in _TEXT_CONDS else None
+                    parts.append(value[r] if own is None else own)
+                c_ext[key] = torch.cat(parts)
+            else:
+                c_ext[key] = value
+        n_adapters = len(ctx.state.branches)
+        rows: list = [None] * n_adapters
+        for i, (j, _kind, _o) in enumerate(blocks):
+            start = n + i * batch
+            rows[j] = slice(rows[j].start if rows[j] is not None else start, start + batch)
+        ctx.calls.append((int(x_ext.shape[0]), len(fold.active)))
+        errors: list = []  # an error of the routing itself: reported by the post-CFG function, Forge's rows stay exact
+        try:
+            with ctx.state.router.route(rows, errors=errors):
+                out = apply_model(x_ext, t_ext, **c_ext)
+        except Exception as exc:  # Forge's own call failed with our rows in it: say so, then it is Forge's error
+            ctx.closed = True
+            fail(ctx.p, ctx.state, exc, "the model call with the branch rows")
+            raise
+        if errors:
+            fold.error = errors[0]
+        else:
+            for i, (j, kind, _o) in enumerate(blocks):
+                fold.outputs[(j, kind)] = out[n + i * batch:n + (i + 1) * batch]
+        return out[:n]
+
+    return wrapper
+
+
+def _extended_options(options, marks: list[int]):
+    """``transformer_options`` of the longer batch: the chunk marks and what Forge derives from them."""
+    if not isinstance(options, Mapping):
+        return options
+    out = dict(options)
+    out["cond_or_uncond"] = list(marks)
+    sigmas = out.get("sigmas")
+    if isinstance(sigmas, torch.Tensor):
+        sampling = _forge().sampling
+        per = int(sigmas.shape[0])
+        if "cond_mark" in out:
+            mark = getattr(sampling, "compute_cond_mark", None)
+            out["cond_mark"] = (mark(marks, sigmas) if mark is not None else
+                                torch.tensor([m for m in marks for _ in range(per)]).to(sigmas))
+        if "cond_indices" in out or "uncond_indices" in out:
+            indices = getattr(sampling, "compute_cond_indices", None)
+            if indices is not None:
+                out["cond_indices"], out["uncond_indices"] = indices(marks, sigmas)
+            else:
+                out["cond_indices"] = [i * per + r for i, m in enumerate(marks) if m == _COND for r in range(per)]
+                out["uncond_indices"] = [i * per + r for i, m in enumerate(marks) if m == _UNCOND for r in range(per)]
+    return out
+
+
+# -- errors and notes ------------------------------------------------------------------------
+
+
+def release_pass(p, state: GenerationState) -> None:
+    """Stop the pass's step function and give Forge back the patcher the pass cloned."""
+    ctx = state.extra.get("pass")
+    if ctx is None:
+        return
+    ctx.closed = True
+    forge_objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
+    if forge_objects is not None and forge_objects.unet is ctx.unet:
+        forge_objects.unet = ctx.source_unet
+
+
+
+
+def note(state: GenerationState, text: str) -> None:
+    if text not in state.notes:
+        state.notes.append(text)
+
+
+
+def fail(p, state: GenerationState | None, exc: BaseException, where: str) -> None:
+    """An error inside our hooks: stop the generation cleanly and say why."""
+    stop_generation(p, state, exc, where, release=release_pass)
+
+
+@contextlib.contextmanager
+def guarded(p, where: str):
+    try:
+        yield
+    except Exception as exc:
+        fail(p, get_state(p), exc, where)
