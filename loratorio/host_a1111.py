@@ -47,7 +47,6 @@ CACHE = AdapterCache(CACHE_DEFAULT_MB)
 # -- generation lifecycle (called by the script) ------------------------------------------------
 
 
-
 def _refusal(p) -> str | None:
     shared = _shared()
     model = shared.sd_model
@@ -125,7 +124,6 @@ def process_batch(p, *args, **kwargs) -> None:
         state.new_composer()
 
 
-
 def postprocess_batch(p, *args, **kwargs) -> None:
     state = get_state(p)
     if state is None:
@@ -197,7 +195,6 @@ def register_callbacks() -> None:
 
 def defaults():
     return configured_defaults(_shared().opts)
-
 
 
 postprocess_image = keep_image_for_map

@@ -52,7 +52,6 @@ def _shared():
     return shared
 
 
-
 # -- LoRA files through the built-in loader ----------------------------------------------------
 
 

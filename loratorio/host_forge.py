@@ -23,6 +23,7 @@ File:line references are to Forge f2.0.1v1.10.1 (``dfdcbab6``).
 from __future__ import annotations
 
 from .generation import GenerationState, get_state, usable
+from .host_forge_backend import detect
 from .host_forge_lora import ForgeBridge, is_forge
 from .host_forge_pass import install_pass
 from .host_forge_step import guarded, note, release_pass
@@ -53,8 +54,20 @@ def _shared():
 def _refusal(p) -> str | None:
     if getattr(p, "refiner_checkpoint_info", None) is not None:
         return Reason.REFINER
-    if not is_forge(getattr(p, "sd_model", None) or _shared().sd_model):
+    model = getattr(p, "sd_model", None) or _shared().sd_model
+    if not is_forge(model):
         return "the loaded model is not a Forge model"
+    if getattr(model, "is_wan", False):
+        return "video models (Wan) are not supported: LoRAtorio fuses image patches of 4-D latents"
+    try:
+        from backend.args import dynamic_args
+    except ImportError:
+        return None
+    nunchaku = dynamic_args.get("nunchaku") if isinstance(dynamic_args, dict) else getattr(dynamic_args, "nunchaku",
+                                                                                           None)
+    if nunchaku:
+        return ("Nunchaku (SVDQ) models apply LoRAs inside their own kernels, where no branch can run; "
+                "load the model in another format to compose")
     return None
 
 
@@ -117,6 +130,10 @@ def after_extra_networks_activate(p, *args, extra_network_data=None, **kwargs) -
         if builtin is not None:
             hashes = dict(getattr(p, "lora_hashes", None) or {})
             info = p.extra_generation_params.get("Lora hashes")
+            if detect().name == "classic":
+                # Classic's built-in applies its LoRAs on top of whatever the model holds now (every tag's, from
+                # the first activation); Forge, Neo and reForge start from the unpatched objects themselves.
+                p.sd_model.forge_objects = p.sd_model.forge_objects_original.shallow_copy()
             builtin.activate(p, list(keep))
             if hashes:
                 p.lora_hashes = hashes
@@ -154,7 +171,6 @@ def process_before_every_sampling(p, *args, **kwargs) -> None:
             if pass_id[1]:
                 state.composer.new_pass()
         install_pass(p, state, has_uncond=kwargs.get("uc") is not None)
-
 
 
 def postprocess_batch(p, *args, **kwargs) -> None:
@@ -203,7 +219,6 @@ def postprocess(p, processed, *args) -> None:
         state.extra.pop("images", None)
 
 
-
 # -- registration and UI helpers --------------------------------------------------------------------
 
 
@@ -223,7 +238,6 @@ def refresh_loras() -> None:
 
 
 def defaults():
-
     return configured_defaults(_shared().opts)
 
 
@@ -237,7 +251,6 @@ def _on(register, fn, name: str) -> None:
 def register_callbacks() -> None:
     """WebUI callbacks (once per script load). Forge needs no CFG callbacks: the step lives on the UNet clone."""
     from modules import script_callbacks as cb
-
 
     def on_model_loaded(sd_model):
         CACHE.clear()

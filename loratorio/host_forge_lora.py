@@ -16,19 +16,16 @@ A1111 (where the script never calls it) and in tests (where a fake provides them
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from types import SimpleNamespace
 
 import torch
 
+from .host_forge_backend import Backend, backups, detect, low_rank_parts, needs_base_weight, patch_kind
 from .loading import HostBridge, LoadedLora, LoraFile, LoraLoadError, Reason
 from .lora import Dense, LowRank, OutputSlice
 
 __all__ = ["ForgeBridge", "adapters_from_patches", "is_forge", "loaded_from_state_dict"]
 
 _WEIGHT = ".weight"
-# Forge's built-in LoRA refuses a file ("LoRA version mismatch") when more of its tensors than this match
-# neither the UNet/DiT nor the text encoders (``extensions-builtin/sd_forge_lora/networks.py:25-27``).
-_MISMATCH_TENSORS = 12
 # Key endings of the tensors LoRA-like files hold (kohya, PEFT, diffusers, LyCORIS).
 _LORA_SUFFIXES = (
     ".lora_up.weight", ".lora_down.weight", ".lora_mid.weight", ".lora_A.weight", ".lora_B.weight",
@@ -39,17 +36,6 @@ _LORA_SUFFIXES = (
     ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight", ".diff", ".diff_b", ".w_norm", ".b_norm",
     ".set_weight",
 )
-
-
-def _forge() -> SimpleNamespace:
-    """Forge's backend modules this adapter calls (imported on use)."""
-    import backend.memory_management as memory_management
-    import backend.utils as utils
-    from backend.patcher import lora as forge_lora
-    from backend.sampling import condition, sampling_function
-
-    return SimpleNamespace(memory=memory_management, utils=utils, lora=forge_lora, condition=condition,
-                           sampling=sampling_function)
 
 
 def is_forge(sd_model) -> bool:
@@ -70,8 +56,10 @@ def _split_key(key) -> tuple[str, tuple[int, int, int] | None, Callable | None]:
 
 def _is_plain_float(param: torch.Tensor) -> bool:
     # bnb/gguf parameters hold packed low-bit data, not a dense weight
+    # (Neo's mixed-precision QuantizedTensor can report a float dtype over fp8/fp4 storage)
     return (param.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-            and getattr(param, "quant_state", None) is None and getattr(param, "gguf_cls", None) is None)
+            and getattr(param, "quant_state", None) is None and getattr(param, "gguf_cls", None) is None
+            and type(param).__name__ != "QuantizedTensor")
 
 
 def logical_shape(param: torch.Tensor) -> torch.Size:
@@ -90,12 +78,12 @@ def _store_dtype(param: torch.Tensor) -> torch.dtype:
     return param.dtype if param.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
 
 
-def _low_rank(tensors, shape: torch.Size, rows: int) -> LowRank | None:
-    """``("lora", (up, down, alpha, mid, dora))`` as factors for a weight of ``shape``; None if they do not fit.
+def _low_rank(parts, shape: torch.Size, rows: int) -> LowRank | None:
+    """``(up, down, alpha, mid)`` of a LoRA patch as factors for a weight of ``shape``; None if they do not fit.
 
     Scale ``alpha / rank`` (1 without alpha), as Forge merges (``backend/patcher/lora.py:150-177``).
     """
-    up, down, alpha, mid, _dora = tensors
+    up, down, alpha, mid = parts
     rank = down.shape[0]
     scale = float(alpha) / rank if alpha is not None else 1.0
     if len(shape) == 4:
@@ -124,11 +112,11 @@ def _dense(value, key, shape: torch.Size, offset, function, original: torch.Tens
     """Forge's own merge of one patch at strength 1 as a float32 weight delta; ``(delta, None)`` or ``(None, why)``.
 
     Types whose delta does not depend on the weight (LoRA, LoHa, LoKr, diff) are merged
-    into zeros; DoRA and GLoRA need the unpatched weight and are merged into it.
+    into zeros; DoRA, GLoRA, OFT and BOFT need the unpatched weight and are merged into it.
+    ``merge(value, base, key, offset, function)`` is the host's merge (:class:`Backend`).
     """
-    kind = value[0] if len(value) == 2 else "diff"
-    tensors = value[1] if len(value) == 2 else value
-    needs_weight = kind == "glora" or (kind in ("lora", "loha", "lokr") and tensors[-1] is not None)
+    kind = patch_kind(value)
+    needs_weight = needs_base_weight(value)
     if needs_weight:
         if not _is_plain_float(original):
             return None, f"{kind} with weight decomposition needs the base weight, which is quantized here"
@@ -137,8 +125,7 @@ def _dense(value, key, shape: torch.Size, offset, function, original: torch.Tens
         base = torch.zeros(shape, dtype=torch.float32)
     try:
         with torch.inference_mode():
-            merged = merge([[1.0, value, 1.0, offset, function]], base.clone(), str(key),
-                           computation_dtype=torch.float32)
+            merged = merge(value, base.clone(), key, offset, function)
     except Exception as exc:  # Forge's merge raises on factors that do not fit the weight
         return None, f"{kind} factors do not fit the layer's weight {list(shape)} ({exc})"
     merged = merged.clone()  # an ordinary tensor, usable outside inference mode
@@ -147,17 +134,26 @@ def _dense(value, key, shape: torch.Size, offset, function, original: torch.Tens
     return (merged - base if needs_weight else merged), None
 
 
-def adapters_from_patches(patches: Mapping, root: torch.nn.Module, *, merge: Callable,
-                          get_attr_with_parent: Callable, originals: Mapping | None = None
-                          ) -> tuple[dict, set, list[tuple[str, str]]]:
-    """Forge ``load_lora`` patches -> an adapter set keyed by module name (relative to ``root``).
+def _parameter(root: torch.nn.Module, name: str):
+    """The attribute at dotted ``name`` under ``root`` (AttributeError when a part is missing)."""
+    obj = root
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
-    ``patches[key]``: ``(kind, tensors)`` with ``key`` a parameter name or
-    ``(name, (dim, offset, size))`` for part of a packed weight. Returns
+
+def adapters_from_patches(patches: Mapping, root: torch.nn.Module, *, merge: Callable,
+                          originals: Mapping | None = None) -> tuple[dict, set, list[tuple[str, str]]]:
+    """The host loader's patches -> an adapter set keyed by module name (relative to ``root``).
+
+    ``patches[key]``: a patch value (a ``(kind, tensors)`` tuple or a weight-adapter
+    object, see :func:`~loratorio.host_forge_backend.patch_kind`) with ``key`` a parameter
+    name or ``(name, (dim, offset, size))`` for part of a packed weight. ``merge`` is the
+    host's merge of one patch (:attr:`Backend.merge`). Returns
     ``(adapter_set, kinds, skipped)``; ``skipped`` lists ``(key, reason)`` for entries
     that cannot be composed (a bias or norm patch, factors that do not fit, a ``set``
     patch, a weight-dependent type on a quantized weight). ``originals`` maps parameter
-    names to their unpatched weights (Forge's ``LoraLoader.backup``). Scales are at
+    names to their unpatched weights (the patcher's backup). Scales are at
     multiplier 1.
     """
     originals = originals or {}
@@ -166,12 +162,12 @@ def adapters_from_patches(patches: Mapping, root: torch.nn.Module, *, merge: Cal
     skipped: list[tuple[str, str]] = []
     for key, value in patches.items():
         name, offset, function = _split_key(key)
-        kind = value[0] if len(value) == 2 else "diff"
+        kind = patch_kind(value)
         if not name.endswith(_WEIGHT):
             skipped.append((str(key), "only weight patches are composed (bias/norm patch left out)"))
             continue
         try:
-            _parent, _attr, param = get_attr_with_parent(root, name)
+            param = _parameter(root, name)
         except AttributeError:
             skipped.append((str(key), "no such layer in this model"))
             continue
@@ -185,8 +181,9 @@ def adapters_from_patches(patches: Mapping, root: torch.nn.Module, *, merge: Cal
         slice_rows = offset is not None and offset[0] == 0
         rows = offset[2] if slice_rows else shape[0]
         piece = None
-        if kind == "lora" and value[1][4] is None and function is None and (offset is None or slice_rows):
-            piece = _low_rank(value[1], shape, rows)
+        parts = low_rank_parts(value)
+        if parts is not None and function is None and (offset is None or slice_rows):
+            piece = _low_rank(parts, shape, rows)
             if piece is not None and slice_rows:
                 piece = OutputSlice(piece, offset[1], offset[2])
         if piece is None:
@@ -218,35 +215,28 @@ def _layer_count(keys) -> int:
 
 
 def loaded_from_state_dict(state_dict: Mapping, unet_model: torch.nn.Module, text_encoders: torch.nn.Module | None,
-                           forge=None) -> LoadedLora:
-    """A LoRA file's tensors -> adapters for the UNet/DiT and the text encoders, through Forge's loader.
+                           backend: Backend | None = None, *, unet_patcher=None, clip_patcher=None) -> LoadedLora:
+    """A LoRA file's tensors -> adapters for the UNet/DiT and the text encoders, through the host's loader.
 
-    Key maps are built fresh (Forge's helpers have a mutable default argument that
-    accumulates keys across models). UNet/DiT keys are matched first, the rest against
-    the text encoders, as the built-in LoRA does.
+    UNet/DiT keys are matched first, the rest against the text encoders, as the built-in
+    LoRA does; a file the built-in would refuse as a mismatch is refused here too. The
+    patchers give the unpatched weights of layers the built-in has merged into.
     """
-    forge = forge or _forge()
+    backend = backend or detect()
     if not any(k.endswith(_LORA_SUFFIXES) for k in state_dict):
         raise LoraLoadError(Reason.not_a_lora(len(state_dict)))
-    unet_map = forge.lora.model_lora_keys_unet(unet_model, {})
-    unet_patches, rest = forge.lora.load_lora(dict(state_dict), unet_map)
-    te_patches: dict = {}
-    if text_encoders is not None:
-        te_map = forge.lora.model_lora_keys_clip(text_encoders, {})
-        te_patches, rest = forge.lora.load_lora(rest, te_map)
-    if len(rest) > _MISMATCH_TENSORS:
-        # An SDXL LoRA on SD1.5 still matches CLIP-L (lora_te1_) and a few same-sized UNet layers; Forge's
-        # built-in LoRA applies nothing of such a file, and a branch of its stray layers would be noise.
+    unet_patches, te_patches, rest = backend.lora_patches(state_dict, unet_model, text_encoders)
+    if backend.mismatch_refused(len(rest), len(state_dict)):
+        # An SDXL LoRA on SD1.5 still matches CLIP-L (lora_te1_) and a few same-sized UNet layers; the built-in
+        # LoRA applies nothing of such a file, and a branch of its stray layers would be noise.
         raise LoraLoadError(f"{len(rest)} of its {len(state_dict)} tensors match no layer of this model "
-                            "(a LoRA for another model type?); Forge's own LoRA loader refuses it too")
-    merge = forge.lora.merge_lora_to_weight
-    get = forge.utils.get_attr_with_parent
-    unet, kinds, skipped_u = adapters_from_patches(unet_patches, unet_model, merge=merge, get_attr_with_parent=get,
-                                                   originals=_backup_of(unet_model))
+                            "(a LoRA for another model type?); the WebUI's own LoRA loader refuses it too")
+    unet, kinds, skipped_u = adapters_from_patches(unet_patches, unet_model, merge=backend.merge,
+                                                   originals=backups(unet_patcher or unet_model))
     te, kinds_te, skipped_t = {}, set(), []
     if text_encoders is not None:
-        te, kinds_te, skipped_t = adapters_from_patches(te_patches, text_encoders, merge=merge,
-                                                        get_attr_with_parent=get, originals=_backup_of(text_encoders))
+        te, kinds_te, skipped_t = adapters_from_patches(te_patches, text_encoders, merge=backend.merge,
+                                                        originals=backups(clip_patcher or text_encoders))
     skipped = skipped_u + skipped_t
     if not unet and not te and skipped:
         # the file matches this model but none of its layers can run as a branch: say why
@@ -254,12 +244,6 @@ def loaded_from_state_dict(state_dict: Mapping, unet_model: torch.nn.Module, tex
         raise LoraLoadError(f"none of its {len(skipped)} matching layers can be composed ({key}: {reason})")
     return LoadedLora(unet=unet, te=te, unmatched=_layer_count(rest) + len(skipped), kinds=kinds | kinds_te,
                       layers=_layer_count(state_dict))
-
-
-def _backup_of(model) -> dict:
-    """Unpatched weights Forge keeps while the built-in LoRA has merged into a layer."""
-    loader = getattr(model, "lora_loader", None)
-    return dict(getattr(loader, "backup", {}) or {})
 
 
 def _weight_targets(root: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -313,14 +297,16 @@ class ForgeBridge(HostBridge):
         return sorted(self.networks().available_networks)
 
     def load_lora(self, lora_file: LoraFile) -> LoadedLora:
-        forge = _forge()
+        backend = detect()
         try:
-            sd = forge.utils.load_torch_file(lora_file.path, safe_load=True)
+            sd = backend.load_file(lora_file.path)
         except Exception as exc:
             # Forge's loader (modules_forge/patch_basic.py:35-54) renames an unreadable file to *.corrupted and
             # raises a message of several lines; the reason goes into one infotext value, so keep it on one line
             raise LoraLoadError(f"cannot read {lora_file.path}: {' '.join(str(exc).split())}") from exc
-        return loaded_from_state_dict(sd, self.unet_model, self.text_encoders, forge)
+        objects = self.sd_model.forge_objects
+        return loaded_from_state_dict(sd, self.unet_model, self.text_encoders, backend, unet_patcher=objects.unet,
+                                      clip_patcher=getattr(getattr(objects, "clip", None), "patcher", None))
 
     def unet_targets(self) -> Mapping[str, torch.nn.Module]:
         if self._unet_targets is None:

@@ -15,12 +15,12 @@ model's share of the GPU covers the branch calls; nothing Forge owns is freed.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping
 
 import torch
 
 from .generation import GenerationState
+from .host_forge_backend import compute_dtype, learned_conditioning, sd_conditioning, text_pass_kept
 from .host_forge_step import PassContext, make_post_cfg, make_scale_recorder, note
 from .lora import LowRank, OutputSlice, pieces
 from .routing import Router
@@ -28,21 +28,6 @@ from .routing import Router
 __all__ = ["branch_texts", "install_pass"]
 
 # -- per-branch text encoder --------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _kept_text_engine_params():
-    """Forge's text engine leaves infotext entries in a module global; the branch passes must not add any."""
-    try:
-        from backend.text_processing import classic_engine
-    except ImportError:
-        yield
-        return
-    saved = dict(classic_engine.last_extra_generation_params)
-    try:
-        yield
-    finally:
-        classic_engine.last_extra_generation_params = saved
 
 
 def _finite(obj) -> bool:
@@ -88,9 +73,9 @@ def branch_texts(p, state: GenerationState, has_uncond: bool) -> list:
         distilled = getattr(p, "distilled_cfg_scale", None)
         config = sd_samplers.find_sampler_config(p.sampler_name)
         steps, hires_steps = (config.total_steps(p.steps) if config else p.steps), None
-    prompts = prompt_parser.SdConditioning(list(texts), width=width, height=height, distilled_cfg_scale=distilled)
-    negative = prompt_parser.SdConditioning(list(negatives), width=width, height=height, is_negative_prompt=True,
-                                            distilled_cfg_scale=distilled)
+    prompts = sd_conditioning(prompt_parser, texts, width=width, height=height, distilled=distilled)
+    negative = sd_conditioning(prompt_parser, negatives, width=width, height=height, distilled=distilled,
+                               negative=True)
     need_uncond = has_uncond and state.settings.recenter > 0
     out = []
     n = len(state.branches)
@@ -100,10 +85,9 @@ def branch_texts(p, state: GenerationState, has_uncond: bool) -> list:
             continue
         rows: list = [None] * n
         rows[j] = slice(0, None)
-        with _kept_text_engine_params(), torch.no_grad(), devices.autocast(), router.route(rows):
-            c = prompt_parser.get_multicond_learned_conditioning(shared.sd_model, prompts, steps, hires_steps, use_old)
-            uc = (prompt_parser.get_learned_conditioning(shared.sd_model, negative, steps, hires_steps, use_old)
-                  if need_uncond else None)
+        with text_pass_kept(shared.sd_model), torch.no_grad(), devices.autocast(), router.route(rows):
+            c, uc = learned_conditioning(prompt_parser, shared.sd_model, prompts, negative, steps, hires_steps,
+                                         use_old, need_uncond)
         if not _finite(c.batch if hasattr(c, "batch") else c):
             note(state, f"the text encoder with {branch.name} gave non-finite conditioning; its branch uses the "
                          "base prompt conditioning")
@@ -161,7 +145,7 @@ def install_pass(p, state: GenerationState, has_uncond: bool) -> PassContext:
     if hasattr(unet, "add_extra_preserved_memory_during_sampling"):
         # the routed factors sit on the device next to the model while it samples
         unet.add_extra_preserved_memory_during_sampling(
-            _adapter_bytes(state, getattr(unet.model, "computation_dtype", torch.float16)))
+            _adapter_bytes(state, compute_dtype(unet.model)))
     if hasattr(unet, "set_memory_peak_estimation_modifier"):
         unet.set_memory_peak_estimation_modifier(_peak_estimator(unet, ctx, len(state.branches)))
     old = state.extra.get("pass")

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .generation import GenerationState, get_state, usable
-from .host_forge_lora import _forge
+from .host_forge_backend import detect
 from .host_lifecycle import stop_generation
 from .routing import RoutingError
 
@@ -63,7 +63,13 @@ def pass_step(denoiser) -> int:
 
 
 def _cfg(opts: Mapping, x, sigma, model, cond_scale: float, edit_strength: float, cond, uncond):
-    """Forge's CFG step (``sampling_function.py:305-312``) on x0 predictions ``cond``/``uncond``."""
+    """Forge's CFG step (``sampling_function.py:305-312``) on x0 predictions ``cond``/``uncond``.
+
+    ``uncond`` None: no unconditional pass ran (reForge passes None where Forge passes
+    zeros at CFG 1), and the result is ``cond`` as those hosts give it.
+    """
+    if uncond is None:
+        return cond
     fn = opts.get("sampler_cfg_function")
     if fn is not None:
         args = {"cond": x - cond, "uncond": x - uncond, "cond_scale": cond_scale, "timestep": sigma, "input": x,
@@ -212,7 +218,7 @@ def _group_size(ctx: PassContext, model, x: torch.Tensor, parts: int, n_active: 
         g = max(1, min(g, ctx.max_rows // max(1, batch * parts)))
     estimate = getattr(model, "memory_required", None)
     if estimate is not None and g > 1:
-        free = _forge().memory.get_free_memory(x.device)
+        free = detect().get_free_memory(x.device)
         while g > 1 and estimate([g * batch, *x.shape[1:]]) >= free:
             g -= 1
     return g
@@ -220,7 +226,7 @@ def _group_size(ctx: PassContext, model, x: torch.Tensor, parts: int, n_active: 
 
 def _run_branches(ctx: PassContext, active: list[int], args: Mapping, conds: list, kind: str) -> torch.Tensor:
     """x0 predictions of the ``active`` branches for the compiled ``conds``: ``[len(active), B, C, H, W]``."""
-    forge = _forge()
+    backend = detect()
     x, sigma, model, opts = args["input"], args["sigma"], args["model"], args["model_options"]
     batch = int(x.shape[0])
     g = _group_size(ctx, model, x, len(conds), len(active))
@@ -231,8 +237,8 @@ def _run_branches(ctx: PassContext, active: list[int], args: Mapping, conds: lis
         sigma_t = sigma.repeat(len(group))
         own = [ctx.step_texts.get(j, (None, None))[0 if kind == "cond" else 1] for j in group]
         conds_t = _branch_conds(conds, own)
-        out, _ = forge.sampling.calc_cond_uncond_batch(model, conds_t, None, x_t, sigma_t,
-                                                       _routed_options(ctx, opts, group, batch))
+        out, _ = backend.calc_cond_uncond_batch(model, conds_t, None, x_t, sigma_t,
+                                                 _routed_options(ctx, opts, group, batch))
         outs.append(out.reshape(len(group), batch, *x.shape[1:]))
     return torch.cat(outs)
 
@@ -243,7 +249,7 @@ def _compile_step_texts(ctx: PassContext, base_cond: list, base_uncond: list | N
         return {}
     from modules import prompt_parser
 
-    forge = _forge()
+    backend = detect()
     denoiser = getattr(getattr(ctx.p, "sampler", None), "model_wrap_cfg", None)
     call = int(getattr(denoiser, "step", 0) or 0)
     out = {}
@@ -253,10 +259,10 @@ def _compile_step_texts(ctx: PassContext, base_cond: list, base_uncond: list | N
             continue
         c, uc = texts
         composition, tensor = prompt_parser.reconstruct_multicond_batch(c, call)
-        cond = forge.condition.compile_weighted_conditions(tensor, composition)
+        cond = backend.compile_weighted_conditions(tensor, composition)
         uncond = None
         if uc is not None and base_uncond is not None:
-            uncond = forge.condition.compile_conditions(prompt_parser.reconstruct_cond_batch(uc, call))
+            uncond = backend.compile_conditions(prompt_parser.reconstruct_cond_batch(uc, call))
             if len(uncond) != len(base_uncond):
                 uncond = None
         if len(cond) != len(base_cond):
@@ -272,10 +278,15 @@ def _post_cfg(ctx: PassContext, args: Mapping) -> torch.Tensor:
     x, sigma, model, opts = args["input"], args["sigma"], args["model"], args["model_options"]
     cond, uncond = args["cond"], args["uncond"]
     cond_pred, uncond_pred = args["cond_denoised"], args["uncond_denoised"]
-    cond_scale = ctx.cond_scale if ctx.cond_scale is not None else float(getattr(ctx.p, "cfg_scale", 1.0))
-    # At CFG 1 Forge runs no uncond pass and uncond_pred is zeros (sampling_function.py:295-298).
-    uncond_ran = uncond is not None and not (math.isclose(cond_scale, 1.0)
-                                             and not opts.get("disable_cfg1_optimization", False))
+    # The scale the sampler used at this call: the post-CFG arguments carry it on Neo, Classic and reForge
+    # (reForge's conditioning modifier sees the user's scale at steps it then runs at 1); Forge's do not.
+    cond_scale = args.get("cond_scale")
+    if cond_scale is None:
+        cond_scale = ctx.cond_scale if ctx.cond_scale is not None else float(getattr(ctx.p, "cfg_scale", 1.0))
+    cond_scale = float(cond_scale)
+    # At CFG 1 Forge runs no uncond pass and uncond_pred is zeros (sampling_function.py:295-298); reForge's is None.
+    uncond_ran = uncond is not None and uncond_pred is not None and not (
+        math.isclose(cond_scale, 1.0) and not opts.get("disable_cfg1_optimization", False))
     fold, ctx.fold = ctx.fold, None
     if fold is not None:
         fold.closed = True  # later calls of this step (the branch calls below, if any) run plain
@@ -401,7 +412,7 @@ def _fold_refusal(ctx: PassContext, model, x: torch.Tensor, uncond, cond, opts: 
     if ctx.max_rows > 0 and rows > ctx.max_rows:
         return "more rows than max_rows_per_call"
     estimate = getattr(model, "memory_required", None)
-    if estimate is not None and estimate([rows, *x.shape[1:]]) >= _forge().memory.get_free_memory(x.device):
+    if estimate is not None and estimate([rows, *x.shape[1:]]) >= detect().get_free_memory(x.device):
         return "not enough free memory"
     return None
 
@@ -482,7 +493,7 @@ def _fold_wrapper(ctx: PassContext) -> Callable:
         c_ext = {}
         for key, value in c.items():
             if key == "transformer_options":
-                c_ext[key] = _extended_options(value, marks + [kind for _, kind, _ in blocks])
+                c_ext[key] = _extended_options(value, marks, blocks)
             elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
                 parts = [value]
                 for (j, kind, _o), r in zip(blocks, picks, strict=True):
@@ -515,22 +526,32 @@ def _fold_wrapper(ctx: PassContext) -> Callable:
     return wrapper
 
 
-def _extended_options(options, marks: list[int]):
-    """``transformer_options`` of the longer batch: the chunk marks and what Forge derives from them."""
+def _extended_options(options, chunks: list[int], blocks: list[tuple]):
+    """``transformer_options`` of the longer batch: the chunk marks and what the host derives from them.
+
+    ``chunks``: the call's own chunk marks; ``blocks``: the added ``(branch, kind, chunk)``
+    blocks, each a copy of one of those chunks. Forge derives ``cond_mark`` and the
+    cond/uncond indices from the marks; reForge keeps one ``uuids`` entry per chunk (its
+    hooks group rows by them), which a copied chunk shares with its source.
+    """
     if not isinstance(options, Mapping):
         return options
     out = dict(options)
-    out["cond_or_uncond"] = list(marks)
+    marks = list(chunks) + [kind for _, kind, _ in blocks]
+    out["cond_or_uncond"] = marks
+    uuids = out.get("uuids")
+    if isinstance(uuids, list) and len(uuids) == len(chunks):
+        out["uuids"] = uuids + [uuids[o] for _, _, o in blocks]
     sigmas = out.get("sigmas")
     if isinstance(sigmas, torch.Tensor):
-        sampling = _forge().sampling
+        backend = detect()
         per = int(sigmas.shape[0])
         if "cond_mark" in out:
-            mark = getattr(sampling, "compute_cond_mark", None)
+            mark = backend.compute_cond_mark
             out["cond_mark"] = (mark(marks, sigmas) if mark is not None else
                                 torch.tensor([m for m in marks for _ in range(per)]).to(sigmas))
         if "cond_indices" in out or "uncond_indices" in out:
-            indices = getattr(sampling, "compute_cond_indices", None)
+            indices = backend.compute_cond_indices
             if indices is not None:
                 out["cond_indices"], out["uncond_indices"] = indices(marks, sigmas)
             else:
@@ -553,12 +574,9 @@ def release_pass(p, state: GenerationState) -> None:
         forge_objects.unet = ctx.source_unet
 
 
-
-
 def note(state: GenerationState, text: str) -> None:
     if text not in state.notes:
         state.notes.append(text)
-
 
 
 def fail(p, state: GenerationState | None, exc: BaseException, where: str) -> None:

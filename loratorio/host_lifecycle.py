@@ -132,6 +132,20 @@ def _hash_key(name: str) -> str:
     return name.replace(":", "").replace(",", "")
 
 
+def _hashes_of(p) -> dict[str, str]:
+    """The built-in's LoRA hashes of ``p``: its ``lora_hashes``, or where a WebUI keeps none (Forge Classic),
+    read back from the "Lora hashes" infotext value it wrote."""
+    hashes = getattr(p, "lora_hashes", None)
+    if isinstance(hashes, dict):
+        return dict(hashes)
+    out = {}
+    for part in str(p.extra_generation_params.get("Lora hashes") or "").split(","):
+        name, sep, value = part.rpartition(":")
+        if sep and name.strip():
+            out[name.strip()] = value.strip()
+    return out
+
+
 def set_lora_hashes(p, state: GenerationState, nets, opts) -> None:
     """Make "Lora hashes" list exactly the LoRAs that act in this generation, as the built-in writes them.
 
@@ -144,7 +158,7 @@ def set_lora_hashes(p, state: GenerationState, nets, opts) -> None:
     """
     if not getattr(opts, "lora_add_hashes_to_infotext", True):
         return
-    hashes = dict(getattr(p, "lora_hashes", None) or {})
+    hashes = _hashes_of(p)
     before = dict(hashes)
     acting = {_hash_key(b.name) for b in state.branches}
     for name in state.skipped:

@@ -1,9 +1,13 @@
-"""Forge LoRA weights -> adapters: every piece equals what Forge's own merge adds to the weight."""
+"""Forge LoRA weights -> adapters: every piece equals what Forge's own merge adds to the weight.
+
+The main file types run through each fork's loader protocol too (``fake_forge.forks``).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from fake_forge.forks import FORKS
 from fake_forge.harness import make_env
 
 from loratorio.loading import LoraLoadError
@@ -61,8 +65,9 @@ def test_forge_linear_is_not_torch_linear(monkeypatch, tmp_path):
     assert linears and not any(isinstance(m, torch.nn.Linear) for m in linears)
 
 
-def test_kohya_lora_and_locon_become_low_rank_equal_to_forge_merge(monkeypatch, tmp_path):
-    env = make_env(monkeypatch, tmp_path, with_script=False)
+@pytest.mark.parametrize("fork", ["forge", *FORKS])
+def test_kohya_lora_and_locon_become_low_rank_equal_to_forge_merge(monkeypatch, tmp_path, fork):
+    env = make_env(monkeypatch, tmp_path, with_script=False, fork=fork)
     shapes = {**env.unet_layers(), **env.te_layers()}
     env.write("style", shapes, rank=4, alpha=3.0, seed=1)
     loaded = _load(env, "style")
@@ -78,8 +83,9 @@ def test_kohya_lora_and_locon_become_low_rank_equal_to_forge_merge(monkeypatch, 
     assert any(k.startswith("clip_l.transformer.text_model.encoder.layers.0.mlp.fc1") for k in loaded.te)
 
 
-def test_loha_becomes_dense_delta_from_forge_merge(monkeypatch, tmp_path):
-    env = make_env(monkeypatch, tmp_path, with_script=False)
+@pytest.mark.parametrize("fork", ["forge", *FORKS])
+def test_loha_becomes_dense_delta_from_forge_merge(monkeypatch, tmp_path, fork):
+    env = make_env(monkeypatch, tmp_path, with_script=False, fork=fork)
     shapes = env.unet_layers(include=["attn2.to_k", "proj_in", "out.2"])
     env.write("hada", shapes, kind="loha", rank=3, seed=2)
     loaded = _load(env, "hada")
@@ -88,8 +94,9 @@ def test_loha_becomes_dense_delta_from_forge_merge(monkeypatch, tmp_path):
     assert _check_all(env, "hada", loaded) == len(shapes)
 
 
-def test_dora_and_diff_patches(monkeypatch, tmp_path):
-    env = make_env(monkeypatch, tmp_path, with_script=False)
+@pytest.mark.parametrize("fork", ["forge", *FORKS])
+def test_dora_and_diff_patches(monkeypatch, tmp_path, fork):
+    env = make_env(monkeypatch, tmp_path, with_script=False, fork=fork)
     from lora_files import lora_tensors
 
     net = env.engine.forge_objects.unet.model.diffusion_model
@@ -139,14 +146,19 @@ def test_flux_packed_loha_slice_is_dense_output_slice(monkeypatch, tmp_path):
     assert _check_all(env, "fluxhada", loaded) == 1
 
 
-def test_unmatched_layers_are_counted_and_non_lora_files_refused(monkeypatch, tmp_path):
-    env = make_env(monkeypatch, tmp_path, with_script=False)
+@pytest.mark.parametrize("fork", ["forge", *FORKS])
+def test_unmatched_layers_are_counted_and_non_lora_files_refused(monkeypatch, tmp_path, fork):
+    env = make_env(monkeypatch, tmp_path, with_script=False, fork=fork)
     shapes = env.unet_layers(include=["attn2.to_q"])
     shapes["lora_unet_middle_block_1_proj_in"] = (16, 16)  # no such layer in this model
     shapes["lora_unet_output_blocks_3_0_skip"] = (8, 8)
     env.write("partial", shapes, seed=6)
-    loaded = _load(env, "partial")
-    assert loaded.unmatched == 2 and len(loaded.unet) == 1
+    if fork == "neo":  # Neo's built-in refuses a file of which more than half the tensors match nothing
+        with pytest.raises(LoraLoadError, match="6 of its 9 tensors match no layer"):
+            _load(env, "partial")
+    else:
+        loaded = _load(env, "partial")
+        assert loaded.unmatched == 2 and len(loaded.unet) == 1
     env.write_raw("checkpoint", {"model.diffusion_model.out.2.weight": torch.zeros(4, 16, 3, 3)})
     with pytest.raises(LoraLoadError, match="not a LoRA file"):
         _load(env, "checkpoint")
@@ -187,10 +199,7 @@ def test_quantized_weights_use_their_logical_shape(monkeypatch, tmp_path):
     make_env(monkeypatch, tmp_path, with_script=False)
     from types import SimpleNamespace
 
-    from backend.patcher.lora import merge_lora_to_weight
-    from backend.utils import get_attr_with_parent
-
-    from loratorio import host_forge_lora
+    from loratorio import host_forge_backend, host_forge_lora
 
     layer = torch.nn.Module()
     packed = torch.nn.Parameter(torch.zeros(48 * 32 // 2, 1, dtype=torch.uint8), requires_grad=False)
@@ -201,14 +210,13 @@ def test_quantized_weights_use_their_logical_shape(monkeypatch, tmp_path):
     up, down = torch.randn(48, 4), torch.randn(4, 32)
     patches = {"proj.weight": ("lora", (up, down, 2.0, None, None)),
                "proj.bias": ("diff", (torch.randn(48),))}
-    adapters, kinds, skipped = host_forge_lora.adapters_from_patches(patches, root, merge=merge_lora_to_weight,
-                                                                get_attr_with_parent=get_attr_with_parent)
+    merge = host_forge_backend.detect().merge
+    adapters, kinds, skipped = host_forge_lora.adapters_from_patches(patches, root, merge=merge)
     piece = adapters["proj"]
     assert kinds == {"lora"}
     assert isinstance(piece, LowRank) and piece.scale == 0.5
     torch.testing.assert_close(delta_weight(piece, (48, 32)), 0.5 * up @ down)
     assert skipped == [("proj.bias", "only weight patches are composed (bias/norm patch left out)")]
     dora = {"proj.weight": ("lora", (up, down, 2.0, None, torch.ones(48, 1)))}
-    adapters, _, skipped = host_forge_lora.adapters_from_patches(dora, root, merge=merge_lora_to_weight,
-                                                            get_attr_with_parent=get_attr_with_parent)
+    adapters, _, skipped = host_forge_lora.adapters_from_patches(dora, root, merge=merge)
     assert not adapters and "quantized" in skipped[0][1]

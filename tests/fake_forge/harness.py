@@ -20,6 +20,7 @@ from loratorio.fusion import method_options
 from loratorio.settings import Settings
 
 from . import install
+from .forks import accepts, install_fork
 
 ROOT = Path(__file__).resolve().parents[2]
 _counter = itertools.count()
@@ -173,11 +174,13 @@ def load_script():
     return module, script
 
 
-def make_env(monkeypatch, tmp_path, kind="sd15", seed=0, with_script=True, **engine_kwargs) -> Env:
+def make_env(monkeypatch, tmp_path, kind="sd15", seed=0, with_script=True, fork="forge", **engine_kwargs) -> Env:
+    """A fake Forge with a model and the script; ``fork`` lays a fork's protocol over it (:mod:`.forks`)."""
     install(monkeypatch)
     lora_dir = tmp_path / "Lora"
     lora_dir.mkdir(exist_ok=True)
     reset_fake_state(lora_dir)
+    install_fork(monkeypatch, fork)
     from backend.diffusion_engine.engines import FakeEngine
     from modules import shared
 
@@ -279,9 +282,11 @@ def reference_run(env: Env, prompt, branches, *, negative_prompt="", steps=3, cf
     texts, _ = extra_networks.parse_prompts([prompt] * batch_size)
     config = sd_samplers.find_sampler_config(sampler)
     total = config.total_steps(steps)
-    pos = prompt_parser.SdConditioning(texts, width=width, height=height, distilled_cfg_scale=distilled_cfg_scale)
+    distilled = ({"distilled_cfg_scale": distilled_cfg_scale}
+                 if accepts(prompt_parser.SdConditioning.__init__, "distilled_cfg_scale") else {})
+    pos = prompt_parser.SdConditioning(texts, width=width, height=height, **distilled)
     neg = prompt_parser.SdConditioning([negative_prompt] * batch_size, width=width, height=height,
-                                       is_negative_prompt=True, distilled_cfg_scale=distilled_cfg_scale)
+                                       is_negative_prompt=True, **distilled)
 
     def conds(engine):
         c = prompt_parser.get_multicond_learned_conditioning(engine, pos, total)
@@ -320,7 +325,7 @@ def reference_run(env: Env, prompt, branches, *, negative_prompt="", steps=3, cf
         scale = cfg_scale * strength if abs(strength - 1.0) > 1e-9 else cfg_scale
         calls[0] += 1
         if not lora:
-            return up + (cp - up) * scale
+            return cp if up is None else up + (cp - up) * scale
         res = compose(cp, torch.stack([c for c, _ in lora]),
                       up if has_uncond else None,
                       torch.stack([u for _, u in lora]) if has_uncond and recenter > 0 else None,
@@ -328,7 +333,7 @@ def reference_run(env: Env, prompt, branches, *, negative_prompt="", steps=3, cf
                       recenter=recenter if has_uncond else 0.0, top_k=top_k if 0 < top_k < len(branches) else 0,
                       **method_options(method))
         u = res.uncond if has_uncond else up
-        return u + (res.cond - u) * scale
+        return res.cond if u is None else u + (res.cond - u) * scale  # None: reForge at CFG 1
 
     second_order = config.options.get("second_order", False)
     for i in range(steps):

@@ -12,6 +12,7 @@ final latents rendered to small RGB pictures (no VAE).
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -29,6 +30,13 @@ def _take_text_engine_params(sd_model):
     sd_model.extra_generation_params.update(classic_engine.last_extra_generation_params)
     classic_engine.last_extra_generation_params = {}
 
+
+
+def _conditioning(texts, distilled_cfg_scale=None, **kwargs):
+    """``SdConditioning`` as the processing code builds it; forks whose class has no distilled scale leave it out."""
+    if "distilled_cfg_scale" in inspect.signature(prompt_parser.SdConditioning.__init__).parameters:
+        kwargs["distilled_cfg_scale"] = distilled_cfg_scale
+    return prompt_parser.SdConditioning(texts, **kwargs)
 
 class Processed:
     """The result. As in Forge (``processing.py:519-528``), ``p.comments`` are copied here when
@@ -98,10 +106,10 @@ class StableDiffusionProcessing:
         self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
 
     def setup_conds(self):
-        prompts = prompt_parser.SdConditioning(self.prompts, width=self.width, height=self.height,
-                                               distilled_cfg_scale=self.distilled_cfg_scale)
-        negatives = prompt_parser.SdConditioning(self.negative_prompts, width=self.width, height=self.height,
-                                                 is_negative_prompt=True, distilled_cfg_scale=self.distilled_cfg_scale)
+        prompts = _conditioning(self.prompts, width=self.width, height=self.height,
+                                distilled_cfg_scale=self.distilled_cfg_scale)
+        negatives = _conditioning(self.negative_prompts, width=self.width, height=self.height,
+                                  is_negative_prompt=True, distilled_cfg_scale=self.distilled_cfg_scale)
         config = sd_samplers.find_sampler_config(self.sampler_name)
         total = config.total_steps(self.steps)
         self.firstpass_steps = total
@@ -146,11 +154,10 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
 
     def calculate_hr_conds(self):
         self.hr_upscale_to_x, self.hr_upscale_to_y = int(self.width * self.hr_scale), int(self.height * self.hr_scale)
-        prompts = prompt_parser.SdConditioning(self.hr_prompts, width=self.hr_upscale_to_x, height=self.hr_upscale_to_y,
-                                               distilled_cfg_scale=self.hr_distilled_cfg)
-        negatives = prompt_parser.SdConditioning(self.hr_negative_prompts, width=self.hr_upscale_to_x,
-                                                 height=self.hr_upscale_to_y, is_negative_prompt=True,
-                                                 distilled_cfg_scale=self.hr_distilled_cfg)
+        prompts = _conditioning(self.hr_prompts, width=self.hr_upscale_to_x, height=self.hr_upscale_to_y,
+                                distilled_cfg_scale=self.hr_distilled_cfg)
+        negatives = _conditioning(self.hr_negative_prompts, width=self.hr_upscale_to_x, height=self.hr_upscale_to_y,
+                                  is_negative_prompt=True, distilled_cfg_scale=self.hr_distilled_cfg)
         config = sd_samplers.find_sampler_config(self.hr_sampler_name or self.sampler_name)
         total = config.total_steps(self.hr_second_pass_steps or self.steps)
         self.hr_uc = None if self.hr_cfg == 1 else prompt_parser.get_learned_conditioning(

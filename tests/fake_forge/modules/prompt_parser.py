@@ -61,6 +61,10 @@ def _schedule(prompt, steps):
 
 
 def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
+    return _learned_conditioning(model, prompts, steps, hires_steps)
+
+
+def _learned_conditioning(model, prompts, steps, hires_steps):
     res = []
     cache = {}
     for prompt in prompts:
@@ -95,8 +99,7 @@ def get_multicond_learned_conditioning(model, prompts, steps, hires_steps=None, 
             mine.append((len(flat), weight))
             flat.append(text)
         indexes.append(mine)
-    learned = get_learned_conditioning(model, SdConditioning(flat, copy_from=prompts), steps, hires_steps,
-                                       use_old_scheduling)
+    learned = _learned_conditioning(model, SdConditioning(flat, copy_from=prompts), steps, hires_steps)
     batch = [[ComposableScheduledPromptConditioning(learned[i], w) for i, w in mine] for mine in indexes]
     return MulticondLearnedConditioning(shape=(len(prompts),), batch=batch)
 

@@ -28,6 +28,12 @@ from .. import memory_management
 COND, UNCOND = 0, 1
 _Chunk = namedtuple("_Chunk", ["input_x", "mult", "conditioning", "control"])
 CALLS: list[dict] = []  # every model call: rows and cond_or_uncond (for tests)
+# Where the Forge forks' samplers differ (set per test by ``tests.fake_forge.forks``):
+# - ``uuids``: reForge marks each chunk of a call with its cond's uuid in ``transformer_options["uuids"]``
+#   (its hooks group rows by them) and has no ``cond_mark`` / indices (``samplers.py:322-324``);
+# - ``uncond_none``: reForge passes None, not zeros, for the uncond prediction it did not compute;
+# - ``post_cfg_scale``: Neo, Classic and reForge hand the post-CFG functions the CFG scale.
+PROTOCOL = {"uuids": False, "uncond_none": False, "post_cfg_scale": False}
 
 
 def _prepare(cond, x_in):
@@ -100,9 +106,15 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
         transformer_options = dict(model_options.get("transformer_options", {}))
         transformer_options["cond_or_uncond"] = cond_or_uncond[:]
         transformer_options["sigmas"] = timestep
-        transformer_options["cond_mark"] = compute_cond_mark(cond_or_uncond, timestep)
-        transformer_options["cond_indices"], transformer_options["uncond_indices"] = compute_cond_indices(
-            cond_or_uncond, timestep)
+        apply_model = model.apply_model
+        if PROTOCOL["uuids"]:
+            transformer_options["uuids"] = [f"{'cond' if kind == COND else 'uncond'}-{id(chunk.conditioning)}"
+                                            for chunk, kind in picked]
+            apply_model = _uuid_checked(model.apply_model)
+        else:
+            transformer_options["cond_mark"] = compute_cond_mark(cond_or_uncond, timestep)
+            transformer_options["cond_indices"], transformer_options["uncond_indices"] = compute_cond_indices(
+                cond_or_uncond, timestep)
         c["transformer_options"] = transformer_options
 
         control = chunks[0].control
@@ -112,9 +124,9 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
         CALLS.append({"rows": input_x.shape[0], "cond_or_uncond": cond_or_uncond[:], "shape": tuple(input_x.shape)})
         if "model_function_wrapper" in model_options:
             output = model_options["model_function_wrapper"](
-                model.apply_model, {"input": input_x, "timestep": timestep_, "c": c, "cond_or_uncond": cond_or_uncond})
+                apply_model, {"input": input_x, "timestep": timestep_, "c": c, "cond_or_uncond": cond_or_uncond})
         else:
-            output = model.apply_model(input_x, timestep_, **c)
+            output = apply_model(input_x, timestep_, **c)
         output = output.chunk(n)
 
         for o, (chunk, kind) in enumerate(picked):
@@ -125,7 +137,21 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
                 out_uncond += output[o] * chunk.mult
                 count_uncond += chunk.mult
 
-    return out_cond / count_cond, out_uncond / count_uncond
+    uncond_pred = None if uncond is None and PROTOCOL["uncond_none"] else out_uncond / count_uncond
+    return out_cond / count_cond, uncond_pred
+
+
+def _uuid_checked(apply_model):
+    """reForge's model call groups rows by chunk uuid: one uuid per chunk of the call's rows."""
+
+    def apply(x, t, **c):
+        options = c.get("transformer_options", {})
+        chunks = len(options.get("cond_or_uncond", []))
+        if len(options.get("uuids", [])) != chunks or x.shape[0] % max(1, chunks):
+            raise RuntimeError(f"{len(options.get('uuids', []))} uuids for {chunks} chunks of {x.shape[0]} rows")
+        return apply_model(x, t, **c)
+
+    return apply
 
 
 def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options=None, seed=None,
@@ -142,7 +168,9 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_
 
     cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, uncond_, x, timestep, model_options)
 
-    if "sampler_cfg_function" in model_options:
+    if uncond_pred is None:
+        cfg_result = cond_pred
+    elif "sampler_cfg_function" in model_options:
         args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale, "timestep": timestep,
                 "input": x, "sigma": timestep, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
                 "model": model, "model_options": model_options}
@@ -156,6 +184,8 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_
         args = {"denoised": cfg_result, "cond": cond, "uncond": uncond, "model": model,
                 "uncond_denoised": uncond_pred, "cond_denoised": cond_pred, "sigma": timestep,
                 "model_options": model_options, "input": x}
+        if PROTOCOL["post_cfg_scale"]:
+            args["cond_scale"] = cond_scale
         cfg_result = fn(args)
 
     if return_full:
