@@ -101,21 +101,30 @@ class Workload:
 
         The call holds the base cond + uncond rows (unrouted) and each active branch's cond
         rows (and uncond rows when ``recenter > 0``) routed to its LoRA: ``(2n+2)B`` rows,
-        ``(n+2)B`` at ``recenter = 0``.
+        ``(n+2)B`` at ``recenter = 0``. A method with the merged row (``joint``) adds one
+        more block, routed to every active LoRA at once: ``(2n+4)B`` rows.
         """
         with_uncond = recenter > 0
-        x, ctx, extra = self.one_call_inputs(len(active), with_uncond)
+        options = method_options(method)
+        merged = options.get("joint", 0) > 0 and len(active) > 1
+        x, ctx, extra = self.one_call_inputs(len(active) + merged, with_uncond)
         per = (2 if with_uncond else 1) * self.batch
         base = 2 * self.batch
-        rows: list[slice | None] = [None] * len(self.adapters)
+        rows: list = [None] * len(self.adapters)
+        shared = slice(base + len(active) * per, base + (len(active) + 1) * per)
         for pos, j in enumerate(active):
             rows[j] = slice(base + pos * per, base + (pos + 1) * per)
+            if merged:
+                rows[j] = [rows[j], shared]
         with self.router.route(rows):
             out = self.model(x, ctx, extra)
         base_cond, base_uncond = out[: self.batch], out[self.batch:base]
-        branch = out[base:].reshape(len(active), 2 if with_uncond else 1, self.batch, *out.shape[1:])
+        branch = out[base:].reshape(len(active) + merged, 2 if with_uncond else 1, self.batch, *out.shape[1:])
+        if merged:
+            options.update(merged_cond=branch[-1, 0], merged_uncond=branch[-1, 1] if with_uncond else None)
+            branch = branch[:-1]
         return compose(base_cond, branch[:, 0], base_uncond, branch[:, 1] if with_uncond else None, step=step,
-                       x=self.x, recenter=recenter, top_k=top_k, **method_options(method))
+                       x=self.x, recenter=recenter, top_k=top_k, **options)
 
     def step_two_calls(self, active: list[int], *, recenter: float = 0.5, step: int = 5, top_k: int = 0
                        ) -> Composition:

@@ -57,6 +57,7 @@ from bench.quality_world import (  # noqa: E402
     two_subject_compositions,
     two_subject_labels,
 )
+from loratorio.fusion import method_options  # noqa: E402
 from loratorio.settings import Settings  # noqa: E402
 
 WORLD_VERSION = "world-2/model-1"
@@ -172,6 +173,9 @@ def method_key(method: Method) -> str:
     for name, default in (("probe_every", 1), ("descriptor", "mean")):
         if fields.get(name) == default:
             del fields[name]
+    if method.kind == "engine" and method_options(method.method):
+        # a named method's options may change between versions: its samples are keyed by what it runs
+        fields["fusion_options"] = sorted(method_options(method.method).items())
     return _hash(fields)
 
 

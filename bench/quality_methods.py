@@ -57,7 +57,12 @@ class Method:
             return 2
         if self.kind == "composite":
             return 2 * n
-        return 2 * n + 2 if self.recenter > 0 else n + 2
+        merged = 2 if n > 1 and self.fusion_options().get("joint", 0) > 0 else 0  # the merged row, cond and uncond
+        return (2 * n + 2 if self.recenter > 0 else n + 2) + merged
+
+    def fusion_options(self) -> dict:
+        """The ``compose`` options this method runs with."""
+        return method_options(self.method) if self.kind == "engine" else dict(self.options)
 
     def settings(self) -> str:
         if self.kind == "switch":
@@ -100,10 +105,11 @@ def default_methods() -> list[Method]:
         Method("switch k=1", "switch", switch_every=1),
         Method(PAPER, "engine", method="paper", recenter=0.5),
         Method(default_name(d.method), "engine", method=d.method, **user),
+        Method("loratorio resolve", "engine", method="resolve", **user),
+        ablation("the whole merged-row term (joint=1)", joint=1.0),
         ablation("lambda 0.5", recenter=0.5),
         ablation("no conflict resolution (mix=sum)", mix="sum"),
         ablation("ownership gates (mix=delta)", mix="delta"),
-        ablation("channel descriptor, centred", descriptor="channels", centred=True),
     ]
 
 
@@ -173,6 +179,7 @@ def sample(method: Method, model, targets, loras, branches, tokens, noise, steps
     null = torch.zeros_like(tokens)
     weight_sum = None
     layout = None
+    joint = method.kind in ("loratorio", "engine") and method.fusion_options().get("joint", 0) > 0 and n > 1
     if method.kind == "loratorio":
         layout = _BranchLayout(branches, len(loras), with_base=True, with_uncond=method.recenter > 0)
     elif method.kind == "composite":
@@ -180,7 +187,8 @@ def sample(method: Method, model, targets, loras, branches, tokens, noise, steps
     elif method.kind == "engine":
         composers = [method.composer([str(j) for j in br]) for br in branches]
         evals = torch.zeros(bsz)
-    elif method.kind == "merge":
+    if method.kind == "merge" or joint:
+        # all of a composition's LoRAs at once: the merge baseline, and the merged row of method "joint"
         merged = [{name: [a[name] for a in (loras[j] for j in br) if name in a] for name in targets} for br in branches]
         merge_router = Router(targets, [{k: v for k, v in m.items() if v} for m in merged])
         merge_rows = [slice(2 * b, 2 * b + 2) for b in range(bsz)]
@@ -206,23 +214,35 @@ def sample(method: Method, model, targets, loras, branches, tokens, noise, steps
             lay = _BranchLayout([[br[i] for i in act] for br, act in zip(branches, active)], len(loras),
                                 with_base=True, with_uncond=method.recenter > 0)
             out = _call(model, t, *lay.inputs(x, tokens), router, lay.rows)
+            needs = [c.needs_merged(a) for c, a in zip(composers, active)]
+            mout = None
+            if any(needs):
+                mout = _call(model, t, x.repeat_interleave(2, 0), merge_tokens, merge_router, merge_rows)
             cond, uncond = torch.empty_like(x), torch.empty_like(x)
             for b, composer in enumerate(composers):
+                merged_preds = {}
+                if needs[b]:
+                    merged_preds = {"merged_cond": mout[2 * b:2 * b + 1], "merged_uncond": mout[2 * b + 1:2 * b + 2]}
                 res = composer.fuse(
                     step=k, active=active[b], base_cond=out[b:b + 1], base_uncond=out[bsz + b:bsz + b + 1],
                     lora_cond=out[lay.cond_rows[b]].unsqueeze(1),
                     lora_uncond=out[lay.uncond_rows[b]].unsqueeze(1) if method.recenter > 0 else None,
+                    **merged_preds,
                 )
                 cond[b], uncond[b] = res.cond[0], res.uncond[0]
-                evals[b] += 2 + len(active[b]) * (2 if method.recenter > 0 else 1)
+                evals[b] += 2 + len(active[b]) * (2 if method.recenter > 0 else 1) + 2 * needs[b]
         else:
             out = _call(model, t, *layout.inputs(x, tokens), router, layout.rows)
             step = k if method.schedule == "ours" else len(ts) - 1 - k
+            merged_preds = {}
+            if joint:
+                mout = _call(model, t, x.repeat_interleave(2, 0), merge_tokens, merge_router, merge_rows)
+                merged_preds = {"merged_cond": mout[0::2], "merged_uncond": mout[1::2]}
             res = compose(
                 out[:bsz], out[layout.cond_idx],
                 out[bsz:2 * bsz], out[layout.uncond_idx] if method.recenter > 0 else None,
                 step=step, patch_size=method.patch_size, temperature_scale=method.temperature_scale,
-                recenter=method.recenter, top_k=method.top_k, **dict(method.options),
+                recenter=method.recenter, top_k=method.top_k, **dict(method.options), **merged_preds,
             )
             cond, uncond = res.cond, res.uncond
             w = res.weights[:, :, 0]

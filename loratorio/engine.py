@@ -74,6 +74,16 @@ class Composer:
         """Whether LoRA uncond predictions are used (re-centring on)."""
         return self.recenter > 0
 
+    def needs_merged(self, active: list[int]) -> bool:
+        """Whether a step with the ``active`` branches needs the merged row: every LoRA applied at once to
+        one copy of the base rows (method ``joint``).
+
+        Only when every branch is evaluated: the merged row's text comes from every LoRA's
+        text encoder once per pass, and a top-k pool's steps between probes evaluate a
+        subset (they fuse as ``resolve``). With one branch the merged row is that branch.
+        """
+        return self.fusion_options.get("joint", 0) > 0 and len(active) == len(self.names) > 1
+
     def active(self, step: int) -> list[int]:
         """Branch indices to evaluate at ``step`` (0-based step of the current pass)."""
         return self.policy.active(step)
@@ -84,13 +94,15 @@ class Composer:
 
     def fuse(self, *, step: int, active: list[int], base_cond: torch.Tensor, lora_cond: torch.Tensor,
              base_uncond: torch.Tensor | None = None, lora_uncond: torch.Tensor | None = None,
-             x: torch.Tensor | None = None) -> Composition:
+             x: torch.Tensor | None = None, merged_cond: torch.Tensor | None = None,
+             merged_uncond: torch.Tensor | None = None) -> Composition:
         """Fuse the ``active`` branches for one model call.
 
         ``lora_cond``/``lora_uncond`` are ``[len(active), B, C, H, W]`` in ``active`` order,
         denoised estimates when ``x`` is given, noise-like otherwise (see
         :func:`loratorio.fusion.compose`). ``lora_uncond`` is needed only when
-        :attr:`needs_uncond` and ``base_uncond`` is given. The returned weights cover all
+        :attr:`needs_uncond` and ``base_uncond`` is given; ``merged_cond`` (and with it
+        ``merged_uncond``) only when :meth:`needs_merged`. The returned weights cover all
         branches, ``[N, B, 1, H, W]``, zero for branches not evaluated or dropped.
         """
         if len(active) != lora_cond.shape[0]:
@@ -98,11 +110,18 @@ class Composer:
         use_uncond = base_uncond is not None and self.needs_uncond
         if use_uncond and lora_uncond is None:
             raise ValueError("lora_uncond is required when re-centring is on and base_uncond is given")
+        use_merged = self.needs_merged(active)
+        if not use_merged:
+            merged_cond = merged_uncond = None
+        if use_merged and (merged_cond is None or (use_uncond and merged_uncond is None)):
+            raise ValueError(f"method {self.method!r} needs the merged row's predictions for {len(active)} branches")
         self.calls += 1
         self.branch_evaluations += len(active)
         batch, _, height, width = base_cond.shape
         full = torch.zeros(len(self.names), batch, 1, height, width, device=base_cond.device)
-        base_ok, keep = self._finite(base_cond, base_uncond, lora_cond, lora_uncond if use_uncond else None)
+        merged = [merged_cond, merged_uncond if use_uncond else None] if use_merged else []
+        base_ok, keep, merged_ok = self._finite(base_cond, base_uncond, lora_cond, lora_uncond if use_uncond else None,
+                                                merged)
         if not base_ok:
             # The model diverged on its own (too high a CFG scale, a broken checkpoint):
             # the branches are not to blame, and there is nothing sound to compose against.
@@ -118,11 +137,18 @@ class Composer:
             lora_cond = lora_cond.index_select(0, index)
             lora_uncond = lora_uncond.index_select(0, index) if use_uncond else None
         top_k = self.top_k if 0 < self.top_k < len(keep) else 0
+        options = dict(self.fusion_options)
+        if use_merged and merged_ok and len(keep) == len(active):
+            options.update(merged_cond=merged_cond, merged_uncond=merged_uncond if use_uncond else None)
+        else:
+            # without every branch in it (one dropped, or the merged row itself not finite) the merged
+            # prediction is not the one of the branches composed here
+            options["joint"] = 0.0
         res = compose(
             base_cond, lora_cond,
             base_uncond, lora_uncond if use_uncond else None,
             step=step, x=x, patch_size=self.patch_size, temperature_scale=self.temperature_scale,
-            recenter=self.recenter if base_uncond is not None else 0.0, top_k=top_k, **self.fusion_options,
+            recenter=self.recenter if base_uncond is not None else 0.0, top_k=top_k, **options,
         )
         kept = [active[i] for i in keep]
         if kept == list(range(len(self.names))):
@@ -136,8 +162,8 @@ class Composer:
 
     @staticmethod
     def _finite(base_cond: torch.Tensor, base_uncond: torch.Tensor | None, lora_cond: torch.Tensor,
-                lora_uncond: torch.Tensor | None) -> tuple[bool, list[int]]:
-        """``(base finite, indices of the finite branches)`` with one read from the device.
+                lora_uncond: torch.Tensor | None, merged: list) -> tuple[bool, list[int], bool]:
+        """``(base finite, indices of the finite branches, merged row finite)`` with one read from the device.
 
         The checks run where the predictions are; their verdicts come to the host in a
         single read per call (which branches to compose is a decision that needs it), not
@@ -149,8 +175,12 @@ class Composer:
         base = torch.isfinite(base_cond).all()
         if base_uncond is not None:
             base = base & torch.isfinite(base_uncond).all()
-        verdicts = host_flags(torch.cat([base.reshape(1), flags]))
-        return verdicts[0], [i for i, ok in enumerate(verdicts[1:]) if ok]
+        merged_ok = base.new_ones(())
+        for tensor in merged:
+            if tensor is not None:
+                merged_ok = merged_ok & torch.isfinite(tensor).all()
+        verdicts = host_flags(torch.cat([base.reshape(1), merged_ok.reshape(1), flags]))
+        return verdicts[0], [i for i, ok in enumerate(verdicts[2:]) if ok], verdicts[1]
 
     def _record(self, weights: torch.Tensor) -> None:
         # Summed where the weights are (no copy to the host per step); read once per generation.

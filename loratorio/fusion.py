@@ -44,14 +44,22 @@ paper's step exactly):
   ``g_i = 1 - max_j conflict_ij * w_j / (w_i + w_j)``. LoRAs that change different
   things in the same patch keep all of their changes, as in a merge; ownership (the
   paper's idea) only settles conflicts. One LoRA alone gives its own prediction;
+- ``joint`` (with a delta mix, steps 7-8): adds ``joint * (merged - base - sum_i (lora_i -
+  base))``, where ``merged`` is the prediction with every evaluated LoRA applied at once
+  (what a merge computes). That term holds what the LoRAs do to each other's effects
+  (clothing drawn on the character's body rather than on a generic figure), which
+  isolated branches cannot see. ``joint = 0.5`` is the plain average of the gated branch
+  composition and the merged prediction with the same gated-out changes removed:
+  ``0.5 (base + sum g_i d_i) + 0.5 (merged - sum (1 - g_i) d_i)``;
 - ``mix = "delta"``: the same form with ``g_i = w_i / max_j w_j`` (the patch's owner in
   full, the others in proportion to their SoftMin weight);
 - ``mix = "sum"``: every (top-k selected) LoRA's difference in full, the output-space
   counterpart of a merge computed on isolated branches.
 
 The gates of the delta mixes need not sum to one. :data:`METHODS` names the option sets
-a user picks from: ``paper`` (none of them) and ``resolve`` (the default; see
-docs/method.md and docs/quality.md for the evidence).
+a user picks from: ``paper`` (none of them), ``resolve`` and ``joint`` (``resolve`` with
+``joint = 0.5``; the default: see docs/method.md and docs/quality.md for the evidence).
+``joint`` needs one more prediction per step and side (the merged row).
 
 For the delta mixes the unconditional side is ``base_uncond + lambda * sum_i g_i
 (lora_uncond_i - base_uncond)``; with ``lambda = 1`` the negative prediction carries the
@@ -91,6 +99,7 @@ MIXES = ("convex", "delta", "sum", "resolve")
 METHODS: dict[str, dict] = {
     "paper": {},
     "resolve": {"descriptor": "activity", "mix": "resolve"},
+    "joint": {"descriptor": "activity", "mix": "resolve", "joint": 0.5},
 }
 
 
@@ -302,6 +311,31 @@ def _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_siz
                          "pass it or set recenter = 0")
 
 
+def _validate_joint(joint, mix: str, base_cond, lora_cond, merged_cond, merged_uncond, mixes_uncond: bool) -> float:
+    """``joint`` as a float after checking it and the merged predictions it needs (0 when it has nothing to add)."""
+    if isinstance(joint, bool) or not isinstance(joint, numbers.Real) or not 0.0 <= joint <= 1.0:
+        raise ValueError(f"joint must be a number in [0, 1], got {joint!r}")
+    if joint == 0 or lora_cond.shape[0] == 1:
+        return 0.0  # one LoRA: the merged prediction is the branch's own, the term is zero
+    if mix == "convex":
+        raise ValueError("joint needs a delta mix (mix = 'resolve', 'delta' or 'sum'), got mix = 'convex'")
+    if merged_cond is None:
+        raise ValueError("joint > 0 needs merged_cond (every LoRA applied at once)")
+    _check_shape("merged_cond", merged_cond, tuple(base_cond.shape))
+    if mixes_uncond:
+        if merged_uncond is None:
+            raise ValueError("joint > 0 with a mixed uncond needs merged_uncond")
+        _check_shape("merged_uncond", merged_uncond, tuple(base_cond.shape))
+    return float(joint)
+
+
+def _interaction(merged: torch.Tensor, base: torch.Tensor, loras: torch.Tensor) -> torch.Tensor:
+    """``merged - base - sum_i (lora_i - base)`` in at least float32: what the LoRAs add to each other's effects."""
+    dtype = torch.promote_types(base.dtype, torch.float32)
+    base = base.to(dtype)
+    return merged.to(dtype) - base - (loras.to(dtype) - base).sum(0)
+
+
 def _mix(weights: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
     """Steps 7-8: ``sum_i w_i * pred_i`` (``[N, B, 1, H, W]`` x ``[N, B, C, H, W]``), at least float32."""
     dtype = torch.promote_types(preds.dtype, torch.float32)
@@ -355,6 +389,9 @@ def compose(
     descriptor: str = "mean",
     centred: bool = False,
     mix: str = "convex",
+    joint: float = 0.0,
+    merged_cond: torch.Tensor | None = None,
+    merged_uncond: torch.Tensor | None = None,
 ) -> Composition:
     """Compose N LoRA branches for one denoising step (steps 1-8).
 
@@ -366,8 +403,11 @@ def compose(
     then the returned uncond is ``base_uncond`` itself. The similarity is computed in
     float32; ``cond``/``uncond`` come back in the input dtype.
 
-    ``descriptor``, ``centred`` and ``mix`` choose the steps beyond the paper (module
-    docstring); their defaults give the paper's step exactly.
+    ``descriptor``, ``centred``, ``mix`` and ``joint`` choose the steps beyond the paper
+    (module docstring); their defaults give the paper's step exactly. ``joint > 0`` takes
+    ``merged_cond`` (``[B, C, H, W]``, every LoRA of ``lora_cond`` applied at once, in the
+    same form) and, where the uncond is mixed, ``merged_uncond``; with one LoRA the merged
+    prediction is that LoRA's and may be left out.
 
     Raises ``ValueError`` naming the argument for wrong shapes, N = 0, ``patch_size < 1``,
     negative ``step``, ``temperature_scale <= 0``, ``recenter`` outside [0, 1],
@@ -375,6 +415,8 @@ def compose(
     """
     _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_size, temperature_scale, recenter, top_k,
               descriptor, mix)
+    joint = _validate_joint(joint, mix, base_cond, lora_cond, merged_cond, merged_uncond,
+                            base_uncond is not None and recenter > 0)
     height, width = base_cond.shape[-2:]
     # the resolve gates and the activity descriptor share the patch sums of the LoRAs' differences
     needs_gram = descriptor == "activity" or mix == "resolve"
@@ -389,11 +431,19 @@ def compose(
         else:
             patch_gates = _gates(patch_weights, mix, top_k)
         gates = _upsample(patch_gates, patch_size, height, width)
-        cond = _mix_delta(gates, base_cond, lora_cond).to(base_cond.dtype)
+        cond = _mix_delta(gates, base_cond, lora_cond)
+        if joint:
+            cond = cond + joint * _interaction(merged_cond, base_cond, lora_cond)
+        cond = cond.to(base_cond.dtype)
         uncond = None
         if base_uncond is not None:
-            uncond = base_uncond if recenter == 0 else _mix_delta(
-                gates, base_uncond, lora_uncond, recenter).to(base_uncond.dtype)
+            if recenter == 0:
+                uncond = base_uncond
+            else:
+                uncond = _mix_delta(gates, base_uncond, lora_uncond, recenter)
+                if joint:
+                    uncond = uncond + joint * recenter * _interaction(merged_uncond, base_uncond, lora_uncond)
+                uncond = uncond.to(base_uncond.dtype)
         return Composition(cond=cond, uncond=uncond, weights=gates)
     weights = _upsample(patch_weights, patch_size, height, width)
 

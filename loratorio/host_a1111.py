@@ -118,10 +118,10 @@ def process_batch(p, *args, **kwargs) -> None:
         return
     with guarded(p, "text encoder"):
         bridge = state.extra.get("bridge") or A1111Bridge()
+        state.new_composer()  # first: the branch texts depend on whether its method uses the merged row
         state.extra["conds"] = first_pass_conds(p, state, bridge)
         state.extra["pass"] = "first"
         state.extra["model_id"] = id(_shared().sd_model)
-        state.new_composer()
 
 
 def postprocess_batch(p, *args, **kwargs) -> None:

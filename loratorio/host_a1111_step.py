@@ -59,6 +59,9 @@ def guarded(p, where: str):
 # -- the per-step hook ---------------------------------------------------------------------------
 
 
+MERGED = -1  # the merged row's place among branch indices: every active LoRA at once (method ``joint``)
+
+
 @dataclass
 class _Folded:
     """The branch rows a step added to the host's own model call (the one-call layout).
@@ -66,7 +69,8 @@ class _Folded:
     The denoiser's batch becomes ``[base cond rows | branch blocks | base uncond rows]``:
     branch ``active[k]`` owns one block of its cond rows (the cond rows' latents with its
     own text) followed, when re-centring needs them, by its uncond rows (the uncond rows'
-    latents with its own negative text). The uncond rows stay last, where the host's CFG
+    latents with its own negative text); the merged row's blocks (branch ``MERGED``) come
+    after them, routed to every active LoRA. The uncond rows stay last, where the host's CFG
     and its skip-uncond cut expect them; its text batch is ``text_cond`` followed by the
     branch texts, so the host concatenates cond and uncond texts in the same order.
     """
@@ -331,14 +335,18 @@ def _conds_list(p, denoiser, eval_index: int, state: GenerationState):
 
 
 def _branch_text(state, j: int, base_cond, base_uncond, eval_index: int):
+    """Branch ``j``'s own text at this model call (``MERGED``: the merged row's), or the base text."""
     from modules import prompt_parser
 
     conds: PassConds | None = state.extra.get("conds")
     c, uc = base_cond, base_uncond
-    if conds is not None and conds.cond[j] is not None:
-        _, c = prompt_parser.reconstruct_multicond_batch(conds.cond[j], eval_index)
-        if conds.uncond[j] is not None:
-            uc = prompt_parser.reconstruct_cond_batch(conds.uncond[j], eval_index)
+    if conds is None:
+        return c, uc
+    own_c, own_uc = (conds.merged_cond, conds.merged_uncond) if j == MERGED else (conds.cond[j], conds.uncond[j])
+    if own_c is not None:
+        _, c = prompt_parser.reconstruct_multicond_batch(own_c, eval_index)
+        if own_uc is not None:
+            uc = prompt_parser.reconstruct_cond_batch(own_uc, eval_index)
     return c, uc
 
 
@@ -357,9 +365,12 @@ def _ngms_possible(p, denoiser) -> bool:
 
 
 def _blocks(state, st: _StepInput, active: list[int], n_cond: int, need_uncond: bool) -> list[tuple]:
-    """One block of rows per (branch, cond/uncond): ``(branch, kind, x, sigma, image_cond, text)``."""
+    """One block of rows per (branch, cond/uncond): ``(branch, kind, x, sigma, image_cond, text)``.
+
+    The merged row (``MERGED``) follows the branches when the method uses it.
+    """
     blocks = []
-    for j in active:
+    for j in [*active, *([MERGED] if state.composer.needs_merged(active) else [])]:
         c, uc = _branch_text(state, j, st.text_cond, st.text_uncond, st.eval_index)
         blocks.append((j, "cond", st.x[:n_cond], st.sigma[:n_cond], st.image_cond[:n_cond], c))
         if need_uncond:
@@ -392,11 +403,18 @@ def _fold(p, state: GenerationState, st: _StepInput, params) -> None:
     rows: list = [None] * n
     block_rows = []
     offset = n_cond
+    shared = None  # the merged row's blocks: every active LoRA on the same rows
     for j, kind, x, _sigma, _ic, _text in blocks:
-        start = offset if rows[j] is None else rows[j].start
+        start = offset
         offset += x.shape[0]
-        rows[j] = slice(start, offset)
+        if j == MERGED:
+            shared = slice(start if shared is None else shared.start, offset)
+        else:
+            rows[j] = slice(start if rows[j] is None else rows[j].start, offset)
         block_rows.append((j, kind, x.shape[0]))
+    if shared is not None:
+        for j in active:
+            rows[j] = [rows[j], shared]
     folded = _Folded(active, n_cond, n_uncond, block_rows, rows)
     params.x = torch.cat([st.x[:n_cond], *(b[2] for b in blocks), st.x[n_cond:]])
     params.sigma = torch.cat([st.sigma[:n_cond], *(b[3] for b in blocks), st.sigma[n_cond:]])
@@ -488,18 +506,22 @@ def _run_step(p, state: GenerationState, st: _StepInput, x_out: torch.Tensor, in
     base_cond = x_out[:n_cond]
     base_uncond_rows = x_out[x_out.shape[0] - n_uncond:]
     lora_cond = torch.stack([outputs[(j, "cond")] for j in active])
-    base_uncond = lora_uncond = None
+    base_uncond = lora_uncond = merged_uncond = None
+    merged = composer.needs_merged(active)
     if need_uncond:
         if image_of_row == list(range(n_uncond)):  # one sub-prompt per image: the rows line up already
             base_uncond = base_uncond_rows
             lora_uncond = torch.stack([outputs[(j, "uncond")] for j in active])
+            merged_uncond = outputs[(MERGED, "uncond")] if merged else None
         else:  # AND: each sub-prompt row against its image's uncond row (index copied without a device wait)
             idx = torch.tensor(image_of_row, dtype=torch.long).to(x_out.device, non_blocking=True)
             base_uncond = base_uncond_rows.index_select(0, idx)
             lora_uncond = torch.stack([outputs[(j, "uncond")].index_select(0, idx) for j in active])
+            merged_uncond = outputs[(MERGED, "uncond")].index_select(0, idx) if merged else None
     res = composer.fuse(step=step, active=active, base_cond=base_cond, lora_cond=lora_cond,
                         base_uncond=base_uncond, lora_uncond=lora_uncond,
-                        x=st.x[:n_cond] if _denoised_form(st.denoiser) else None)
+                        x=st.x[:n_cond] if _denoised_form(st.denoiser) else None,
+                        merged_cond=outputs[(MERGED, "cond")] if merged else None, merged_uncond=merged_uncond)
     new_uncond = None
     if need_uncond and res.uncond is not None:
         new_uncond = _per_image(res.uncond, conds_list)
@@ -515,6 +537,8 @@ def _run_step(p, state: GenerationState, st: _StepInput, x_out: torch.Tensor, in
 def _branch_calls(state: GenerationState, blocks: list[tuple], inner_model) -> dict:
     """Branch predictions from routed calls of their own, ``(branch, kind) -> rows`` (the two-call path)."""
     outputs: dict[tuple[int, str], torch.Tensor] = {}
+    n = len(state.branches)
+    active = sorted({b[0] for b in blocks if b[0] != MERGED})
     # Rows of different token lengths cannot share a call (A1111 itself calls them apart).
     for length in sorted({_ntokens(b[5]) for b in blocks}):
         group = [b for b in blocks if _ntokens(b[5]) == length]
@@ -522,7 +546,14 @@ def _branch_calls(state: GenerationState, blocks: list[tuple], inner_model) -> d
         results = [torch.empty_like(b[2]) for b in group]
         owner = [b[0] for b in group]
         for call in plan_calls(counts, state.settings.max_rows_per_call):
-            rows = call_rows(call, len(state.branches), owner)
+            # the merged row's blocks come last (see _blocks): every active LoRA on those rows
+            own = [e for e in call if owner[e[0]] != MERGED]
+            rows = call_rows(own, n, owner)
+            start = sum(b - a for _, a, b in own)
+            stop = start + sum(b - a for k, a, b in call if owner[k] == MERGED)
+            if stop > start:
+                for j in active:
+                    rows[j] = slice(start, stop) if rows[j] is None else [rows[j], slice(start, stop)]
             xs = torch.cat([group[k][2][a:b] for k, a, b in call])
             sig = torch.cat([group[k][3][a:b] for k, a, b in call])
             ic = torch.cat([group[k][4][a:b] for k, a, b in call])

@@ -35,25 +35,28 @@ def _settle_builtin(module) -> None:
 
 
 @contextlib.contextmanager
-def _text_encoder_branch(branch: Branch, targets: Mapping[str, nn.Module]):
-    """Route one branch's text-encoder adapters onto every row; merge packed ones meanwhile."""
+def _text_encoder_branch(branches: list[Branch], targets: Mapping[str, nn.Module]):
+    """Route the text-encoder adapters of ``branches`` (one branch, or every branch for the merged row) onto
+    every row; merge packed ones meanwhile."""
     from .routing import Router
 
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
-        for name, entry in branch.te_merge.items():
-            module = targets[name]
-            owner = module
-            if name.endswith("_out_proj"):
-                owner = targets.get(name[: -len("_out_proj")], module)
-            _settle_builtin(owner)
-            param = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
-            delta = delta_weight(entry, param.shape).to(param.device, param.dtype)
-            saved.append((param, param.detach().clone()))
-            with torch.no_grad():
-                param.add_(delta)
-        if branch.te:
-            with Router(targets, [branch.te]).route([slice(0, None)]):
+        for branch in branches:
+            for name, entry in branch.te_merge.items():
+                module = targets[name]
+                owner = module
+                if name.endswith("_out_proj"):
+                    owner = targets.get(name[: -len("_out_proj")], module)
+                _settle_builtin(owner)
+                param = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+                delta = delta_weight(entry, param.shape).to(param.device, param.dtype)
+                saved.append((param, param.detach().clone()))
+                with torch.no_grad():
+                    param.add_(delta)
+        routed = [b for b in branches if b.te]
+        if routed:
+            with Router(targets, [b.te for b in routed]).route([slice(0, None)] * len(routed)):
                 yield
         else:
             yield
@@ -70,6 +73,8 @@ class PassConds:
     pass_id: str
     cond: list  # per branch: MulticondLearnedConditioning | None
     uncond: list  # per branch: list of schedules | None
+    merged_cond: object = None  # the merged row's (every LoRA's text encoder), where the method uses that row
+    merged_uncond: object = None
 
 
 def _branch_conds(state: GenerationState, bridge: A1111Bridge, prompts, negative_prompts, width, height,
@@ -78,23 +83,25 @@ def _branch_conds(state: GenerationState, bridge: A1111Bridge, prompts, negative
 
     shared = _shared()
     use_old = bool(getattr(shared.opts, "use_old_scheduling", False))
-    c_all, uc_all = [], []
     te_targets = bridge.te_targets()
-    for branch in state.branches:
-        if not state.settings.text_encoder_per_branch or not (branch.te or branch.te_merge):
-            c_all.append(None)
-            uc_all.append(None)
-            continue
+
+    def encode(branches):
+        if not state.settings.text_encoder_per_branch or not any(b.te or b.te_merge for b in branches):
+            return None, None
         pos = prompt_parser.SdConditioning(list(prompts), width=width, height=height)
         neg = prompt_parser.SdConditioning(list(negative_prompts), width=width, height=height, is_negative_prompt=True)
-        with torch.no_grad(), devices.autocast(), _text_encoder_branch(branch, te_targets):
+        with torch.no_grad(), devices.autocast(), _text_encoder_branch(branches, te_targets):
             c = prompt_parser.get_multicond_learned_conditioning(shared.sd_model, pos, steps, hires_steps, use_old)
             uc = None
             if state.settings.recenter > 0:
                 uc = prompt_parser.get_learned_conditioning(shared.sd_model, neg, steps, hires_steps, use_old)
-        c_all.append(c)
-        uc_all.append(uc)
-    return PassConds(pass_id, c_all, uc_all)
+        return c, uc
+
+    own = [encode([branch]) for branch in state.branches]
+    conds = PassConds(pass_id, [c for c, _ in own], [uc for _, uc in own])
+    if state.composer is not None and state.composer.needs_merged(list(range(len(state.branches)))):
+        conds.merged_cond, conds.merged_uncond = encode(state.branches)
+    return conds
 
 
 def first_pass_conds(p, state, bridge) -> PassConds:

@@ -246,6 +246,23 @@ def loaded_from_state_dict(state_dict: Mapping, unet_model: torch.nn.Module, tex
                       layers=_layer_count(state_dict))
 
 
+def _exception_text(exc: BaseException) -> str:
+    """An exception's message on one line; where it has none, the one it was raised from or during.
+
+    Forge Classic's loader re-raises a corrupt file's error as a bare ``ValueError`` (``from None``
+    hides the cause from tracebacks, not from ``__context__``).
+    """
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = " ".join(str(current).split())
+        if text:
+            return text
+        current = current.__cause__ or current.__context__
+    return type(exc).__name__
+
+
 def _weight_targets(root: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Modules with a 2-D (linear) or 4-D (conv) ``weight`` parameter, by name; the class does not matter."""
     out = {}
@@ -303,7 +320,7 @@ class ForgeBridge(HostBridge):
         except Exception as exc:
             # Forge's loader (modules_forge/patch_basic.py:35-54) renames an unreadable file to *.corrupted and
             # raises a message of several lines; the reason goes into one infotext value, so keep it on one line
-            raise LoraLoadError(f"cannot read {lora_file.path}: {' '.join(str(exc).split())}") from exc
+            raise LoraLoadError(f"cannot read {lora_file.path}: {_exception_text(exc)}") from exc
         objects = self.sd_model.forge_objects
         return loaded_from_state_dict(sd, self.unet_model, self.text_encoders, backend, unet_patcher=objects.unet,
                                       clip_patcher=getattr(getattr(objects, "clip", None), "patcher", None))

@@ -41,18 +41,20 @@ def _finite(obj) -> bool:
     return True
 
 
-def branch_texts(p, state: GenerationState, has_uncond: bool) -> list:
+def branch_texts(p, state: GenerationState, has_uncond: bool) -> tuple[list, tuple | None]:
     """Each branch's prompt conditioning computed with its own text-encoder LoRA, for this pass.
 
     Calls the WebUI's prompt machinery with the arguments ``processing.setup_conds`` /
     ``calculate_hr_conds`` use, so prompt editing, AND, BREAK, emphasis, SDXL's two
     encoders and Flux's CLIP-L + T5 (with its distilled guidance) follow; the text
     encoder's layers are routed through the one LoRA (forward hooks, no weight is
-    written; Forge's text encoders have no packed projections). ``[(cond, uncond) |
-    None]`` per branch; a non-finite result falls back to the base text with a note.
+    written; Forge's text encoders have no packed projections). Returns ``([(cond,
+    uncond) | None] per branch, merged)``: ``merged`` is the merged row's conditioning
+    (every LoRA's text encoder at once) where the method uses that row, else None. A
+    non-finite result falls back to the base text with a note.
     """
     if not state.settings.text_encoder_per_branch or not any(b.te for b in state.branches):
-        return []
+        return [], None
     from modules import devices, prompt_parser, sd_samplers, shared
 
     router = state.extra.get("te_router")
@@ -77,28 +79,31 @@ def branch_texts(p, state: GenerationState, has_uncond: bool) -> list:
     negative = sd_conditioning(prompt_parser, negatives, width=width, height=height, distilled=distilled,
                                negative=True)
     need_uncond = has_uncond and state.settings.recenter > 0
-    out = []
     n = len(state.branches)
-    for j, branch in enumerate(state.branches):
-        if not branch.te:
-            out.append(None)
-            continue
-        rows: list = [None] * n
-        rows[j] = slice(0, None)
+
+    def encode(rows: list, name: str):
         with text_pass_kept(shared.sd_model), torch.no_grad(), devices.autocast(), router.route(rows):
             c, uc = learned_conditioning(prompt_parser, shared.sd_model, prompts, negative, steps, hires_steps,
                                          use_old, need_uncond)
         if not _finite(c.batch if hasattr(c, "batch") else c):
-            note(state, f"the text encoder with {branch.name} gave non-finite conditioning; its branch uses the "
-                         "base prompt conditioning")
-            out.append(None)
-            continue
+            note(state, f"the text encoder with {name} gave non-finite conditioning; its branch uses the "
+                        "base prompt conditioning")
+            return None
         if uc is not None and not _finite(uc):
-            note(state, f"the text encoder with {branch.name} gave non-finite conditioning for the negative prompt; "
-                         "its branch uses the base negative conditioning")
+            note(state, f"the text encoder with {name} gave non-finite conditioning for the negative prompt; "
+                        "its branch uses the base negative conditioning")
             uc = None
-        out.append((c, uc))
-    return out
+        return c, uc
+
+    out = []
+    for j, branch in enumerate(state.branches):
+        rows: list = [None] * n
+        rows[j] = slice(0, None)
+        out.append(encode(rows, branch.name) if branch.te else None)
+    merged = None
+    if state.composer is not None and state.composer.needs_merged(list(range(n))):
+        merged = encode([slice(0, None) if b.te else None for b in state.branches], "every LoRA")
+    return out, merged
 
 
 # -- memory --------------------------------------------------------------------------------------
@@ -138,7 +143,7 @@ def install_pass(p, state: GenerationState, has_uncond: bool) -> PassContext:
     unet = source.clone()
     ctx = PassContext(state=state, p=p, max_rows=int(state.settings.max_rows_per_call or 0),
                       source_unet=source, unet=unet)
-    ctx.texts = _pass_texts(p, state, has_uncond)
+    ctx.texts, ctx.merged_text = _pass_texts(p, state, has_uncond)
     unet.add_conditioning_modifier(make_scale_recorder(ctx))
     ctx.post_cfg = make_post_cfg(ctx)
     unet.set_model_sampler_post_cfg_function(ctx.post_cfg)
@@ -156,7 +161,7 @@ def install_pass(p, state: GenerationState, has_uncond: bool) -> PassContext:
     return ctx
 
 
-def _pass_texts(p, state: GenerationState, has_uncond: bool) -> list:
+def _pass_texts(p, state: GenerationState, has_uncond: bool) -> tuple[list, tuple | None]:
     """Branch text conds of this pass, computed once (Forge calls the hook twice around a hires pass)."""
     key = (getattr(p, "iteration", 0), bool(getattr(p, "is_hr_pass", False)), has_uncond)
     cached = state.extra.get("texts")

@@ -99,11 +99,13 @@ class PassContext:
     unet: object = None  # the clone carrying the LoRAtorio step
     calls: list = field(default_factory=list)  # (rows, branches) of every routed model call
     step_texts: dict = field(default_factory=dict)
+    merged_text: tuple | None = None  # the merged row's (cond, uncond) prompt conditioning, every LoRA's encoder
     fold: _Fold | None = None  # the current model call's branch rows inside Forge's own batch
     post_cfg: Callable | None = None  # this pass's post-CFG function (to know whether it runs first)
 
 
 _COND, _UNCOND = 0, 1  # Forge's cond_or_uncond marks
+MERGED = -1  # the merged row's place among branch indices: every active LoRA at once (method ``joint``)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class _Fold:
     batch: int
     use_uncond: bool
     texts: dict
+    merged: bool = False  # the call also carries the merged row (copies of each chunk with every LoRA at once)
     outputs: dict = field(default_factory=dict)
     done: set = field(default_factory=set)
     closed: bool = False
@@ -144,12 +147,13 @@ def _spans(rows: int, group: Sequence[int], batch: int) -> list[list[slice]]:
             for k in range(len(group))]
 
 
-def _routed_options(ctx: PassContext, opts: Mapping, group: Sequence[int], batch: int) -> dict:
+def _routed_options(ctx: PassContext, opts: Mapping, group: Sequence[int], batch: int, merged: bool = False) -> dict:
     """A copy of ``model_options`` whose model-function wrapper routes ``group``'s LoRAs around the model call.
 
     A wrapper already there (tiled diffusion, ...) is kept and handed a routed
     ``apply_model``, so it runs as usual with the branches' LoRAs switched on only
-    inside the actual model call.
+    inside the actual model call. ``merged``: the call is the merged row, every LoRA of
+    ``group`` on all of its rows.
     """
     previous = opts.get("model_function_wrapper")
     n = len(ctx.state.branches)
@@ -157,10 +161,10 @@ def _routed_options(ctx: PassContext, opts: Mapping, group: Sequence[int], batch
     def routed(apply_model):
         def call(x, t, **c):
             # a branch owns one row block per chunk of the call (AND parts, a wrapper batching tiles)
-            spans = _spans(x.shape[0], group, batch)
+            spans = _spans(x.shape[0], [MERGED] if merged else group, batch)
             rows: list = [None] * n
             for k, j in enumerate(group):
-                rows[j] = spans[k]
+                rows[j] = spans[0 if merged else k]
             ctx.calls.append((int(x.shape[0]), len(group)))
             with ctx.state.router.route(rows):
                 return apply_model(x, t, **c)
@@ -243,6 +247,15 @@ def _run_branches(ctx: PassContext, active: list[int], args: Mapping, conds: lis
     return torch.cat(outs)
 
 
+def _run_merged(ctx: PassContext, active: list[int], args: Mapping, conds: list, kind: str) -> torch.Tensor:
+    """x0 prediction of the merged row (every ``active`` LoRA at once) for the compiled ``conds``: ``[B, C, H, W]``."""
+    x, sigma, model, opts = args["input"], args["sigma"], args["model"], args["model_options"]
+    own = ctx.step_texts.get(MERGED, (None, None))[0 if kind == "cond" else 1]
+    out, _ = detect().calc_cond_uncond_batch(model, _branch_conds(conds, [own]), None, x, sigma,
+                                             _routed_options(ctx, opts, active, int(x.shape[0]), merged=True))
+    return out
+
+
 def _compile_step_texts(ctx: PassContext, base_cond: list, base_uncond: list | None, active: list[int]) -> dict:
     """The active branches' own text conds at the denoiser's current model call (prompt editing follows)."""
     if not ctx.texts:
@@ -253,8 +266,8 @@ def _compile_step_texts(ctx: PassContext, base_cond: list, base_uncond: list | N
     denoiser = getattr(getattr(ctx.p, "sampler", None), "model_wrap_cfg", None)
     call = int(getattr(denoiser, "step", 0) or 0)
     out = {}
-    for j in active:
-        texts = ctx.texts[j] if j < len(ctx.texts) else None
+    for j in [*active, MERGED]:
+        texts = ctx.merged_text if j == MERGED else ctx.texts[j] if j < len(ctx.texts) else None
         if texts is None:
             continue
         c, uc = texts
@@ -317,9 +330,23 @@ def _post_cfg(ctx: PassContext, args: Mapping) -> torch.Tensor:
             preds[name] = _run_branches(ctx, active, args, conds, name)
         finally:
             ctx.step_texts = {}
+    merged = {}
+    if composer.needs_merged(active):
+        for name, kind, conds in need:
+            if (MERGED, kind) in folded:
+                merged[name] = folded[(MERGED, kind)]
+                continue
+            if not ctx.step_texts:
+                ctx.step_texts = (fold.texts if fold is not None else
+                                  _compile_step_texts(ctx, cond, uncond if use_uncond else None, active))
+            try:
+                merged[name] = _run_merged(ctx, active, args, conds, name)
+            finally:
+                ctx.step_texts = {}
     lora_cond, lora_uncond = preds["cond"], preds.get("uncond")
     res = composer.fuse(step=step, active=active, base_cond=cond_pred, lora_cond=lora_cond,
-                        base_uncond=uncond_pred if uncond_ran else None, lora_uncond=lora_uncond, x=x)
+                        base_uncond=uncond_pred if uncond_ran else None, lora_uncond=lora_uncond, x=x,
+                        merged_cond=merged.get("cond"), merged_uncond=merged.get("uncond"))
     fused_uncond = res.uncond if uncond_ran else uncond_pred
     edit_strength = sum(item.get("strength", 1) for item in cond)
     base = _cfg(opts, x, sigma, model, cond_scale, edit_strength, cond_pred, uncond_pred)
@@ -429,11 +456,13 @@ def _prepare_fold(ctx: PassContext, model, x, uncond, cond, cond_scale: float, o
     use_uncond = uncond_ran and composer.needs_uncond
     batch = int(x.shape[0])
     kinds = 2 if uncond_ran else 1
-    rows = batch * kinds * (1 + len(active)) if use_uncond else batch * (kinds + len(active))
+    merged = composer.needs_merged(active)
+    extra = len(active) + merged  # branch blocks per chunk kind they need, the merged row's included
+    rows = batch * kinds * (1 + extra) if use_uncond else batch * (kinds + extra)
     if _fold_refusal(ctx, model, x, uncond, cond, opts, rows):
         return opts
     texts = _compile_step_texts(ctx, cond, uncond if use_uncond else None, active)
-    ctx.fold = _Fold(step, active, batch, use_uncond, texts)
+    ctx.fold = _Fold(step, active, batch, use_uncond, texts, merged=merged)
     out = dict(opts)
     out["model_function_wrapper"] = _fold_wrapper(ctx)
     return out
@@ -479,7 +508,7 @@ def _fold_wrapper(ctx: PassContext) -> Callable:
         if n != len(marks) * batch:
             return apply_model(x, t, **c)  # not a layout this step prepared: its branches run apart
         blocks = []
-        for j in fold.active:
+        for j in [*fold.active, *([MERGED] if fold.merged else [])]:
             for o, kind in enumerate(marks):
                 if kind in fold.done or (kind == _UNCOND and not fold.use_uncond):
                     continue
@@ -504,9 +533,16 @@ def _fold_wrapper(ctx: PassContext) -> Callable:
                 c_ext[key] = value
         n_adapters = len(ctx.state.branches)
         rows: list = [None] * n_adapters
+        shared = None  # the merged row's blocks: every active LoRA on the same rows
         for i, (j, _kind, _o) in enumerate(blocks):
             start = n + i * batch
-            rows[j] = slice(rows[j].start if rows[j] is not None else start, start + batch)
+            if j == MERGED:
+                shared = slice(shared.start if shared is not None else start, start + batch)
+            else:
+                rows[j] = slice(rows[j].start if rows[j] is not None else start, start + batch)
+        if shared is not None:
+            for j in fold.active:
+                rows[j] = [rows[j], shared]
         ctx.calls.append((int(x_ext.shape[0]), len(fold.active)))
         errors: list = []  # an error of the routing itself: reported by the post-CFG function, Forge's rows stay exact
         try:

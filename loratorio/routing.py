@@ -18,6 +18,7 @@ once (nesting is an error, so is overlapping rows).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import threading
@@ -344,6 +345,14 @@ def _pointwise_fast(rows: slice, m: int, down: torch.Tensor, up: torch.Tensor):
     return run, tuple(t for t in (down_e, up_e) if t is not None)
 
 
+def _members(stacks: dict[str, torch.Tensor], positions: list[int], device) -> dict[str, torch.Tensor]:
+    """The stacks of the members at ``positions``: views where they are consecutive, copies otherwise."""
+    if positions == list(range(positions[0], positions[0] + len(positions))):
+        return {k: v[positions[0]:positions[0] + len(positions)] for k, v in stacks.items()}
+    index = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
+    return {k: v.index_select(0, index) for k, v in stacks.items()}
+
+
 class _ModulePlan:
     """Everything needed to route one target module."""
 
@@ -384,6 +393,7 @@ class _ModulePlan:
         forward only runs tensor ops.
         """
         jobs = []
+        counts = collections.Counter(s for own in spans for s in own)
         for group in self.groups:
             active = []
             for pos, j in enumerate(group.members):
@@ -402,14 +412,16 @@ class _ModulePlan:
                    for i, (start, stop, _pos) in enumerate(active)):
                 positions = [pos for _, _, pos in active]
                 if positions != list(range(len(group.members))):
-                    index = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
-                    stacks = {k: v.index_select(0, index) for k, v in stacks.items()}
+                    stacks = _members(stacks, positions, device)
                 jobs.append(self._job(group, slice(first, first + length * len(active)), len(active), stacks))
                 continue
-            for start, stop, pos in active:  # uneven rows: one job per span
-                index = torch.tensor([pos], dtype=torch.long).to(device, non_blocking=True)
-                jobs.append(self._job(group, slice(start, stop), 1,
-                                      {k: v.index_select(0, index) for k, v in stacks.items()}))
+            for start, stop, pos in active:  # uneven rows, or a span several adapters share: one job per span
+                members = _members(stacks, [pos], device)
+                if counts[(start, stop if stop != batch else None)] > 1 or counts[(start, stop)] > 1:
+                    # the merged row: the plain path, so no fused copy of the factors is kept for it
+                    jobs.append(_Job(group, slice(start, stop), 1, members))
+                else:
+                    jobs.append(self._job(group, slice(start, stop), 1, members))
         return jobs
 
     def held_tensors(self) -> Iterator[torch.Tensor]:
@@ -504,7 +516,12 @@ class Router:
         return self._modules
 
     def _spans(self, rows: Sequence) -> list[list[tuple[int, int | None]]]:
-        """Normalise ``rows`` to a list of ``(start, stop)`` spans per adapter; overlap is an error."""
+        """Normalise ``rows`` to a list of ``(start, stop)`` spans per adapter.
+
+        Several adapters may name the very same span: they act together on those rows (each
+        adds its change to the module's output, as merged weights would). Any other overlap
+        is an error.
+        """
         if len(rows) != self.num_adapters:
             raise RoutingError(f"rows has {len(rows)} entries for {self.num_adapters} adapters")
         spans = []
@@ -520,10 +537,14 @@ class Router:
                     raise RoutingError(f"rows[{j}] = {r!r} must be a non-empty slice with non-negative bounds")
                 own.append((start, r.stop))
             spans.append(own)
-        ordered = sorted((s for own in spans for s in own), key=lambda s: s[0])
+        for j, own in enumerate(spans):
+            if len(set(own)) != len(own):
+                raise RoutingError(f"rows[{j}] names the same rows twice")
+        ordered = sorted({s for own in spans for s in own}, key=lambda s: (s[0], -1 if s[1] is None else s[1]))
         for (a0, a1), (b0, _b1) in itertools.pairwise(ordered):
             if a1 is None or a1 > b0:
-                raise RoutingError(f"rows overlap: {a0}:{a1} and {b0}:...; each row may belong to one adapter")
+                raise RoutingError(f"rows overlap: {a0}:{a1} and {b0}:...; rows are either one adapter's or the "
+                                   "same span for several")
         return spans
 
     @contextlib.contextmanager

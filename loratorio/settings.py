@@ -48,7 +48,7 @@ class SettingsError(ValueError):
 
 #: The composition method a new generation uses unless told otherwise (see docs/quality.md
 #: for the evidence); ``paper`` is the published step exactly.
-DEFAULT_METHOD = "resolve"
+DEFAULT_METHOD = "joint"
 #: What an infotext without a method entry was made with (versions before the setting).
 _INFOTEXT_METHOD = "paper"
 

@@ -207,10 +207,21 @@ def reference_step(fake, step, files_mults, prompt, negative, settings, denoised
         uc = m.get_learned_conditioning(size(fake, [negative] * n_img))
         preds_c.append(wrap(x[:n_img], sigma[:n_img], cond=condition(c, ic[:n_img])))
         preds_u.append(wrap(x[n_img:], sigma[n_img:], cond=condition(uc, ic[n_img:])))
+    options = method_options(settings.method)
+    if options.get("joint") and len(files_mults) > 1:
+        # the merged row: every LoRA applied at once (UNet and text encoder), as a merge computes it
+        m = fake.shared.sd_model
+        for path, te_mult, unet_mult in files_mults:
+            m = merged_copy(m, [path], te_mult, unet_mult)
+        wrap = CompVisDenoiser(m) if denoised else CompVisTimestepsDenoiser(m)
+        c = m.get_learned_conditioning(size(fake, [prompt] * n_img))
+        uc = m.get_learned_conditioning(size(fake, [negative] * n_img))
+        options["merged_cond"] = wrap(x[:n_img], sigma[:n_img], cond=condition(c, ic[:n_img]))
+        options["merged_uncond"] = wrap(x[n_img:], sigma[n_img:], cond=condition(uc, ic[n_img:]))
     return compose(base[:n_img], torch.stack(preds_c), base[n_img:], torch.stack(preds_u), step=step["k"],
                    x=x[:n_img] if denoised else None, patch_size=settings.patch_size,
                    temperature_scale=settings.temperature_scale, recenter=settings.recenter, top_k=settings.top_k,
-                   **method_options(settings.method))
+                   **options)
 
 
 # -- the numbers ---------------------------------------------------------------------------------------

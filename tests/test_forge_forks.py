@@ -163,3 +163,22 @@ def test_hashes_are_read_back_where_the_builtin_keeps_no_dict():
     nets = SimpleNamespace(available_network_aliases={"pool": entry}, available_networks={})
     set_lora_hashes(p, state, nets, SimpleNamespace(lora_add_hashes_to_infotext=True))
     assert p.extra_generation_params["Lora hashes"] == "kept: 111, pool: 333"
+
+
+def test_a_loader_error_without_a_message_names_its_cause(monkeypatch, tmp_path):
+    """Forge Classic re-raises a corrupt file's error as a bare ``ValueError`` (``from None``)."""
+    env = make_env(monkeypatch, tmp_path, with_script=False, fork="classic")
+    import ldm_patched.modules.utils as utils
+
+    from loratorio.host_forge_lora import ForgeBridge
+    from loratorio.loading import LoraFile, LoraLoadError
+
+    def load_torch_file(path, safe_load=False, device=None):
+        try:
+            raise OSError("Error while deserializing header: MetadataIncompleteBuffer")
+        except OSError:
+            raise ValueError from None
+
+    monkeypatch.setattr(utils, "load_torch_file", load_torch_file)
+    with pytest.raises(LoraLoadError, match=r"cannot read .*: Error while deserializing header"):
+        ForgeBridge(env.engine).load_lora(LoraFile.at("broken", str(tmp_path / "broken.safetensors")))

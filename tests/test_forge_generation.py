@@ -213,7 +213,8 @@ def test_controlnet_and_other_wrappers_apply_to_the_branches(monkeypatch, tmp_pa
     ref = reference_run(env, prompt, [("a", 1, 1), ("b", 1, 1)], negative_prompt="x", control=control)
     _assert_same(_latents(out), ref)
     assert 2 in seen[:3] and any(n == 2 for n in seen)  # base [u, c] and the 2-branch calls went through it
-    assert len(seen) == 3 * 3  # per step: base, branch cond, branch uncond
+    # per step: base, branch cond, branch uncond, and the default method's merged row (cond, uncond)
+    assert len(seen) == 3 * 5 and seen[3:5] == [1, 1]
     assert env.hooks() == 0
 
 
@@ -311,11 +312,13 @@ def test_host_features_that_keep_the_branch_call_apart_on_forge(monkeypatch, tmp
     per_eval, one = _calls_per_evaluation(env, monkeypatch, prompt, {}, negative_prompt="fog")
     assert per_eval == 1
     per_eval, capped = _calls_per_evaluation(env, monkeypatch, prompt, {"max_rows_per_call": 2}, negative_prompt="fog")
-    assert per_eval == 1 + 2  # Forge's call, then the branches' cond and uncond rows in calls of 2 rows
+    # Forge's call, then the branches' cond and uncond rows in calls of 2 rows, and the merged row's (cond, uncond)
+    assert per_eval == 1 + 2 + 2
     _assert_same(_latents(capped), _latents(one))
     per_eval, _ = _calls_per_evaluation(env, monkeypatch, "a cat AND a dog <lora:a> <lora:b>", {},
                                         negative_prompt="fog")
-    assert per_eval == 3  # Forge's call, the branches' cond call (both parts) and their uncond call
+    # Forge's call, the branches' cond call (both parts) and their uncond call, the merged row's two
+    assert per_eval == 3 + 2
 
 
 def test_the_longer_call_describes_its_chunks_to_patches(monkeypatch, tmp_path):
@@ -337,7 +340,8 @@ def test_the_longer_call_describes_its_chunks_to_patches(monkeypatch, tmp_path):
     assert len(seen) == 2
     for rows, options in seen:
         marks = options["cond_or_uncond"]
-        assert rows == 12 and marks == [1, 0] * 3  # Forge's [u, c], then each branch's copy of both chunks
+        # Forge's [u, c], then each branch's copy of both chunks and the merged row's (method joint)
+        assert rows == 16 and marks == [1, 0] * 4
         per = rows // len(marks)
         assert options["cond_mark"].tolist() == [float(m) for m in marks for _ in range(per)]
         assert sorted(options["cond_indices"] + options["uncond_indices"]) == list(range(rows))

@@ -14,6 +14,12 @@ def preds(n=3, b=2, c=4, h=6, w=6, seed=0):
     return t(b, c, h, w), t(n, b, c, h, w), t(b, c, h, w), t(n, b, c, h, w), t(b, c, h, w)
 
 
+def merged_of(base, loras, seed=0):
+    """A stand-in for the merged row: every LoRA's difference plus a cross-effect none of them has alone."""
+    g = torch.Generator().manual_seed(100 + seed)
+    return base + (loras - base).sum(0) + 0.3 * torch.randn(base.shape, generator=g, dtype=base.dtype)
+
+
 OPTIONS = [
     dict(descriptor="channels"),
     dict(centred=True),
@@ -30,10 +36,14 @@ OPTIONS = [
 def test_both_prediction_forms_give_the_same_step(options, step, top_k, recenter):
     # denoised = x - sigma * eps: mixing either form must give the same guided step
     eps_c, lora_c, eps_u, lora_u, x = preds(seed=step)
+    m_c, m_u = merged_of(eps_c, lora_c, seed=step), merged_of(eps_u, lora_u, seed=step + 1)
     sigma = 2.5
-    noise = compose(eps_c, lora_c, eps_u, lora_u, step=step, recenter=recenter, top_k=top_k, **options)
+    noise_merged = dict(merged_cond=m_c, merged_uncond=m_u) if options.get("joint") else {}
+    den_merged = dict(merged_cond=x - sigma * m_c, merged_uncond=x - sigma * m_u) if options.get("joint") else {}
+    noise = compose(eps_c, lora_c, eps_u, lora_u, step=step, recenter=recenter, top_k=top_k, **options,
+                    **noise_merged)
     den = compose(x - sigma * eps_c, x - sigma * lora_c, x - sigma * eps_u, x - sigma * lora_u, step=step, x=x,
-                  recenter=recenter, top_k=top_k, **options)
+                  recenter=recenter, top_k=top_k, **options, **den_merged)
     # the similarity is computed in float32 and a sharp SoftMin magnifies its rounding: tolerance 1e-4
     assert torch.allclose(den.cond, x - sigma * noise.cond, atol=1e-4)
     assert torch.allclose(den.uncond, x - sigma * noise.uncond, atol=1e-4)
@@ -118,7 +128,7 @@ def test_named_methods():
         method_options("nope")
     for name in METHODS:
         options = method_options(name)
-        assert set(options) <= {"descriptor", "centred", "mix"}
+        assert set(options) <= {"descriptor", "centred", "mix", "joint"}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -129,10 +139,12 @@ def test_from_settings_builds_the_composer_a_user_gets(method):
     assert (comp.recenter, comp.temperature_scale, comp.patch_size, comp.top_k) == (0.3, 4.0, 1, 2)
     assert comp.policy.probe_every == 3 and comp.record_map and comp.method == method
     base_c, lora_c, base_u, lora_u, _ = preds(n=3, b=1)
+    merged = dict(merged_cond=merged_of(base_c, lora_c), merged_uncond=merged_of(base_u, lora_u, 1))
+    assert comp.needs_merged([0, 1, 2]) == ("joint" in method_options(method)) and not comp.needs_merged([1])
     res = comp.fuse(step=2, active=[0, 1, 2], base_cond=base_c, lora_cond=lora_c, base_uncond=base_u,
-                    lora_uncond=lora_u)
+                    lora_uncond=lora_u, **merged)
     ref = compose(base_c, lora_c, base_u, lora_u, step=2, recenter=0.3, temperature_scale=4.0, patch_size=1,
-                  top_k=2, **method_options(method))
+                  top_k=2, **method_options(method), **(merged if comp.needs_merged([0, 1, 2]) else {}))
     assert torch.allclose(res.cond, ref.cond) and torch.allclose(res.uncond, ref.uncond)
 
 
@@ -183,3 +195,44 @@ def test_one_lora_through_the_default_method_is_that_lora(x_form):
         res = comp.fuse(step=step, active=[0], base_cond=base_c, lora_cond=lora_c, base_uncond=base_u,
                         lora_uncond=lora_u, x=x if x_form else None)
         assert torch.allclose(res.cond, lora_c[0]) and torch.allclose(res.uncond, lora_u[0])
+
+
+def test_joint_is_the_average_of_the_branch_composition_and_the_merged_prediction():
+    base_c, lora_c, base_u, lora_u, _ = preds(n=3, b=2)
+    m_c, m_u = merged_of(base_c, lora_c), merged_of(base_u, lora_u, 1)
+    plain = compose(base_c, lora_c, base_u, lora_u, step=3, recenter=1.0, **method_options("resolve"))
+    res = compose(base_c, lora_c, base_u, lora_u, step=3, recenter=1.0, **method_options("joint"),
+                  merged_cond=m_c, merged_uncond=m_u)
+    gated_out = ((1 - plain.weights) * (lora_c - base_c)).sum(0)
+    assert torch.allclose(res.cond, 0.5 * plain.cond + 0.5 * (m_c - gated_out))
+    gated_out_u = ((1 - plain.weights) * (lora_u - base_u)).sum(0)
+    assert torch.allclose(res.uncond, 0.5 * plain.uncond + 0.5 * (m_u - gated_out_u))
+    assert torch.equal(res.weights, plain.weights)
+    # one LoRA: the merged row is that LoRA, nothing to add, and the result is its own prediction
+    one = compose(base_c, lora_c[:1], base_u, lora_u[:1], step=3, recenter=1.0, **method_options("joint"))
+    assert torch.allclose(one.cond, lora_c[0]) and torch.allclose(one.uncond, lora_u[0])
+    with pytest.raises(ValueError, match="needs merged_cond"):
+        compose(base_c, lora_c, step=3, recenter=0.0, **method_options("joint"))
+    with pytest.raises(ValueError, match="needs merged_uncond"):
+        compose(base_c, lora_c, base_u, lora_u, step=3, **method_options("joint"), merged_cond=m_c)
+    with pytest.raises(ValueError, match="delta mix"):
+        compose(base_c, lora_c, step=3, recenter=0.0, joint=0.5, merged_cond=m_c)
+
+
+def test_composer_leaves_the_merged_row_out_when_a_branch_is_dropped():
+    base_c, lora_c, base_u, lora_u, _ = preds(n=3, b=1)
+    m_c, m_u = merged_of(base_c, lora_c), merged_of(base_u, lora_u, 1)
+    comp = Composer.from_settings(["a", "b", "c"], Settings(enabled=True, method="joint", recenter=1.0))
+    with pytest.raises(ValueError, match="needs the merged row"):
+        comp.fuse(step=1, active=[0, 1, 2], base_cond=base_c, lora_cond=lora_c, base_uncond=base_u,
+                  lora_uncond=lora_u)
+    broken = lora_c.clone()
+    broken[2] = float("nan")
+    res = comp.fuse(step=1, active=[0, 1, 2], base_cond=base_c, lora_cond=broken, base_uncond=base_u,
+                    lora_uncond=lora_u, merged_cond=m_c, merged_uncond=m_u)
+    ref = compose(base_c, lora_c[:2], base_u, lora_u[:2], step=1, recenter=1.0, **method_options("resolve"))
+    assert torch.allclose(res.cond, ref.cond) and comp.dropped["c"] == 1
+    nan_merged = comp.fuse(step=1, active=[0, 1, 2], base_cond=base_c, lora_cond=lora_c, base_uncond=base_u,
+                           lora_uncond=lora_u, merged_cond=m_c * float("nan"), merged_uncond=m_u)
+    ref = compose(base_c, lora_c, base_u, lora_u, step=1, recenter=1.0, **method_options("resolve"))
+    assert torch.allclose(nan_merged.cond, ref.cond)

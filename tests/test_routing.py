@@ -287,3 +287,28 @@ def test_collected_errors_stop_the_routing_and_leave_other_rows_exact():
     assert len(errors) == 1 and "injected" in str(errors[0])
     assert torch.equal(out, base)  # no module was routed after the error: every row is the model's own
     assert not model[0]._forward_hooks and not model[1]._forward_hooks
+
+
+@pytest.mark.parametrize("make", [lambda: PlainLinear(6, 5), lambda: nn.Conv2d(6, 5, 3, padding=1)])
+def test_a_span_shared_by_several_adapters_equals_all_of_them_merged(make):
+    """The merged row of method ``joint``: adapters naming the same span act together there."""
+    module = make()
+    conv = isinstance(module, nn.Conv2d)
+    a = lowrank(5, 6, 2, (3, 3) if conv else None)
+    b = lowrank(5, 6, 3, (3, 3) if conv else None)
+    x = torch.randn(6, 6, 4, 4) if conv else torch.randn(6, 6)
+    both = merged_copy(merged_copy(module, a), b)
+    with torch.no_grad():
+        plain = module(x)
+        with routed({"m": module}, [{"m": a}, {"m": b}], [[slice(0, 2), slice(4, 6)], [slice(2, 4), slice(4, 6)]]):
+            out = module(x)
+        assert rel_err(out[0:2], merged_copy(module, a)(x[0:2])) < 1e-4
+        assert rel_err(out[2:4], merged_copy(module, b)(x[2:4])) < 1e-4
+        assert rel_err(out[4:6], both(x[4:6])) < 1e-4
+        assert not torch.equal(out[4:6], plain[4:6])
+    router = Router({"m": module}, [{"m": a}, {"m": b}])
+    with pytest.raises(RoutingError, match="overlap"), router.route([slice(0, 4), slice(2, 4)]):
+        pass
+    with pytest.raises(RoutingError, match="same rows twice"), router.route([[slice(0, 2), slice(0, 2)], None]):
+        pass
+    assert not module._forward_hooks

@@ -83,7 +83,7 @@ def test_the_counter_sees_the_reads_it_must_count():
     counter = ReadCounter()
     t = torch.ones(3)
     with counter:
-        engine.Composer._finite(t, None, t[None], None)  # a loratorio frame on the stack
+        engine.Composer._finite(t, None, t[None], None, [])  # a loratorio frame on the stack
         bool(t.sum() > 0)  # not ours: no loratorio frame
     assert counter.reads == []  # host_flags reads with tolist(), which a CPU tensor serves without dispatch
     with counter:

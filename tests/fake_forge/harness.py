@@ -295,6 +295,10 @@ def reference_run(env: Env, prompt, branches, *, negative_prompt="", steps=3, cf
 
     base_texts = conds(base)
     branch_texts = [conds(e) if text_encoder_per_branch else base_texts for e in engines]
+    # method "joint": the merged row, every branch's LoRA (UNet and text encoder) applied at once
+    joint = method_options(method).get("joint", 0) > 0 and len(branches) > 1
+    merged_all = merged_engine(env, [*merged, *branches]) if joint else None
+    merged_texts = (conds(merged_all) if text_encoder_per_branch else base_texts) if joint else None
     sampler_obj = sd_samplers.create_sampler(sampler, base)
     sigmas = sampler_obj.sigmas(steps)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(batch_size)]
@@ -326,12 +330,16 @@ def reference_run(env: Env, prompt, branches, *, negative_prompt="", steps=3, cf
         calls[0] += 1
         if not lora:
             return cp if up is None else up + (cp - up) * scale
+        extra = {}
+        if joint:
+            mc, mu = predict(merged_all, merged_texts, xx, sigma)[0]
+            extra = {"merged_cond": mc, "merged_uncond": mu if has_uncond and recenter > 0 else None}
         res = compose(cp, torch.stack([c for c, _ in lora]),
                       up if has_uncond else None,
                       torch.stack([u for _, u in lora]) if has_uncond and recenter > 0 else None,
                       step=step, x=xx, patch_size=patch_size, temperature_scale=temperature_scale,
                       recenter=recenter if has_uncond else 0.0, top_k=top_k if 0 < top_k < len(branches) else 0,
-                      **method_options(method))
+                      **method_options(method), **extra)
         u = res.uncond if has_uncond else up
         return res.cond if u is None else u + (res.cond - u) * scale  # None: reForge at CFG 1
 
