@@ -184,10 +184,11 @@ def write_report(summary: dict, methods, comps, per_seed: list[dict], out: Path)
                      f"**{_f(r['two_subject'])}**", _f(r["two_subject_both"]), *(r["evals_by_n"][n] for n in ns)])
     L += _table(head, body)
     L += ["", "Evaluations per step count images through the denoiser (a batch row each). LoRAtorio rows run "
-          "every LoRA as its own branch next to the base: `2N + 2` per step (`N + 2` with lambda 0). The rows "
-          "named `loratorio <method>` are sampled through `Composer.from_settings` with those settings, exactly "
-          "what a user of the extension gets; the ablation rows call `loratorio.fusion.compose` with one option "
-          "changed.", ""]
+          "every LoRA as its own branch next to the base: `2N + 2` per step (`N + 2` with lambda 0); with the "
+          "merged row (`joint` > 0: every LoRA of the composition at once, for its cond and its uncond) `2N + 4`. "
+          "The rows named `loratorio <method>` are sampled through `Composer.from_settings` with those settings, "
+          "exactly what a user of the extension gets; the ablation rows call `loratorio.fusion.compose` with one "
+          "option changed.", ""]
     L += ["Per training seed (recall avg / FD / two-subject):", ""]
     L += _table(["method", *(f"seed {s}" for s in seeds)],
                 [[m.name, *(f"{_f(run['results'][m.name]['recall_avg'])} / {_f(run['results'][m.name]['fd'], 1)} / "

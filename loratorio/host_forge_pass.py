@@ -21,7 +21,8 @@ import torch
 
 from .generation import GenerationState
 from .host_forge_backend import compute_dtype, learned_conditioning, sd_conditioning, text_pass_kept
-from .host_forge_step import PassContext, make_post_cfg, make_scale_recorder, note
+from .host_forge_fold import make_scale_recorder
+from .host_forge_step import PassContext, make_post_cfg, note
 from .lora import LowRank, OutputSlice, pieces
 from .routing import Router
 

@@ -18,7 +18,6 @@ once (nesting is an error, so is overlapping rows).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import threading
@@ -260,6 +259,34 @@ class _Job:
         self.extra: tuple[torch.Tensor, ...] = ()  # tensors prepared for the fused path (expanded factors)
 
 
+class _SharedJob(_Job):
+    """``m`` adapters of ``group`` all on the same ``rows``: their deltas add up there."""
+
+    __slots__ = ()
+
+
+def _linear_shared(rows: slice, down_t: torch.Tensor, up_t: torch.Tensor):
+    """``out[rows] += sum_i x[rows] @ down_i @ up_i``: one batched matmul into the ranks, one into the output.
+
+    ``down_t [m, c, r]`` and ``up_t [m, r, o]`` are views of the group's stacks; the up
+    factors read as one ``[m * r, o]`` matrix, so nothing is copied or kept.
+    """
+    m, c, r = down_t.shape
+    o = up_t.shape[2]
+    dtype = down_t.dtype
+    up_flat = up_t.reshape(m * r, o)
+
+    def run(x: torch.Tensor, out: torch.Tensor) -> bool:
+        if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
+            return False
+        xr = x[rows].reshape(-1, c)
+        h = torch.matmul(xr, down_t)  # [m, n, r]
+        out[rows].view(-1, o).addmm_(h.permute(1, 0, 2).reshape(-1, m * r), up_flat)
+        return True
+
+    return run
+
+
 def _dense_is_cheaper(rank: int, c: int, o: int) -> bool:
     """Whether the product ``down @ up`` (``c x o`` per adapter) costs no more than the factors (``r (c + o)``).
 
@@ -268,18 +295,24 @@ def _dense_is_cheaper(rank: int, c: int, o: int) -> bool:
     return c * o <= rank * (c + o)
 
 
-def _linear_fast(rows: slice, m: int, down_t: torch.Tensor, up_t: torch.Tensor):
+def _linear_fast(rows: slice, m: int, down_t: torch.Tensor, up_t: torch.Tensor, products: dict | None = None,
+                 key=None):
     """``out[rows] += x[rows] @ down @ up`` per adapter block, accumulated straight into the output rows.
 
     One bmm and one baddbmm_; or a single baddbmm_ with the factors' product when that
-    is the cheaper form (:func:`_dense_is_cheaper`, product formed once here in at least
-    float32). Returns ``(run, tensors made here)``.
+    is the cheaper form (:func:`_dense_is_cheaper`, product formed once in at least
+    float32, kept in ``products[key]`` for other row layouts of the same adapters).
+    Returns ``(run, tensors made here)``.
     """
     r, c, o = down_t.shape[2], down_t.shape[1], up_t.shape[2]
     dtype = down_t.dtype
     if _dense_is_cheaper(r, c, o):
-        wide = torch.promote_types(dtype, torch.float32)
-        w = torch.bmm(down_t.to(wide), up_t.to(wide)).to(dtype)  # [m, c, o]
+        w = products.get(key) if products is not None else None
+        if w is None:
+            wide = torch.promote_types(dtype, torch.float32)
+            w = torch.bmm(down_t.to(wide), up_t.to(wide)).to(dtype)  # [m, c, o]
+            if products is not None:
+                products[key] = w
 
         def run(x: torch.Tensor, out: torch.Tensor) -> bool:
             if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
@@ -366,6 +399,7 @@ class _ModulePlan:
         # Output features this plan writes: all, or one sub-projection of a packed weight.
         self.features = slice(None) if out_slice is None else slice(out_slice[0], out_slice[0] + out_slice[1])
         self._schedules: dict[tuple, list[_Job]] = {}
+        self._products: dict[tuple, torch.Tensor] = {}  # fused factor products, shared by the schedules
 
     def jobs(self, spans_key: tuple, spans, batch: int, device, dtype) -> list[_Job]:
         """The schedule for this row layout, batch size, device and dtype, built once and kept.
@@ -378,10 +412,12 @@ class _ModulePlan:
         if jobs is None:
             if len(self._schedules) >= self._SCHEDULES:
                 self._schedules.clear()
+                self._products.clear()
             held = [(id(g.stacks), id(g.cache)) for g in self.groups]
             jobs = self.schedule(spans, batch, device, dtype)
             if held != [(id(g.stacks), id(g.cache)) for g in self.groups]:
                 self._schedules.clear()  # the stacks moved: older schedules would keep the old copies alive
+                self._products.clear()
             self._schedules[key] = jobs
         return jobs
 
@@ -393,35 +429,36 @@ class _ModulePlan:
         forward only runs tensor ops.
         """
         jobs = []
-        counts = collections.Counter(s for own in spans for s in own)
         for group in self.groups:
-            active = []
+            by_span: dict[tuple[int, int], list[int]] = {}
             for pos, j in enumerate(group.members):
                 for start, stop in spans[j]:
                     stop = batch if stop is None else stop
                     if stop > batch or start >= stop:
                         raise RoutingError(f"rows {start}:{stop} of adapter {j} do not fit a batch of {batch} rows "
                                            f"at module {self.name!r}")
-                    active.append((start, stop, pos))
+                    by_span.setdefault((start, stop), []).append(pos)
+            if not by_span:
+                continue
+            stacks = group.tensors(device, dtype)
+            # a span several adapters share (the merged row): all of them in one job there
+            for (start, stop), positions in by_span.items():
+                if len(positions) > 1:
+                    jobs.append(self._shared_job(group, slice(start, stop), _members(stacks, positions, device)))
+            active = sorted((start, stop, ps[0]) for (start, stop), ps in by_span.items() if len(ps) == 1)
             if not active:
                 continue
-            active.sort()
-            stacks = group.tensors(device, dtype)
             first, length = active[0][0], active[0][1] - active[0][0]
             if all(stop - start == length and start == first + i * length
                    for i, (start, stop, _pos) in enumerate(active)):
                 positions = [pos for _, _, pos in active]
-                if positions != list(range(len(group.members))):
-                    stacks = _members(stacks, positions, device)
-                jobs.append(self._job(group, slice(first, first + length * len(active)), len(active), stacks))
+                selected = stacks if positions == list(range(len(group.members))) else _members(stacks, positions,
+                                                                                                  device)
+                jobs.append(self._job(group, slice(first, first + length * len(active)), len(active), selected,
+                                      tuple(positions)))
                 continue
-            for start, stop, pos in active:  # uneven rows, or a span several adapters share: one job per span
-                members = _members(stacks, [pos], device)
-                if counts[(start, stop if stop != batch else None)] > 1 or counts[(start, stop)] > 1:
-                    # the merged row: the plain path, so no fused copy of the factors is kept for it
-                    jobs.append(_Job(group, slice(start, stop), 1, members))
-                else:
-                    jobs.append(self._job(group, slice(start, stop), 1, members))
+            for start, stop, pos in active:  # uneven rows: one job per span
+                jobs.append(self._job(group, slice(start, stop), 1, _members(stacks, [pos], device), (pos,)))
         return jobs
 
     def held_tensors(self) -> Iterator[torch.Tensor]:
@@ -434,14 +471,28 @@ class _ModulePlan:
                 yield from job.stacks.values()
                 yield from job.extra
 
-    def _job(self, group: _Group, rows: slice, m: int, stacks: dict[str, torch.Tensor]) -> _Job:
+    def _job(self, group: _Group, rows: slice, m: int, stacks: dict[str, torch.Tensor], positions: tuple) -> _Job:
         job = _Job(group, rows, m, stacks)
         if "b" in stacks or self.features != slice(None):
             return job
         if group.form == "lr_linear" and not self.conv:
-            job.fast, job.extra = _linear_fast(rows, m, stacks["down_t"], stacks["up_t"])
+            down_t = stacks["down_t"]
+            key = (id(group), positions, down_t.device, down_t.dtype)
+            job.fast, job.extra = _linear_fast(rows, m, down_t, stacks["up_t"], self._products, key)
         elif group.form == "lr_conv" and self._pointwise():
             job.fast, job.extra = _pointwise_fast(rows, m, stacks["down"], stacks["up"])
+        return job
+
+    def _shared_job(self, group: _Group, rows: slice, stacks: dict[str, torch.Tensor]) -> _Job:
+        """Several adapters on the same rows: the sum of their deltas (as merged weights give).
+
+        Low-rank linear: one fused path over the stacked factors (no copy kept); other
+        forms: each adapter's delta in turn.
+        """
+        m = next(iter(stacks.values())).shape[0]
+        job = _SharedJob(group, rows, m, stacks)
+        if "b" not in stacks and self.features == slice(None) and group.form == "lr_linear" and not self.conv:
+            job.fast = _linear_shared(rows, stacks["down_t"], stacks["up_t"])
         return job
 
     def _pointwise(self) -> bool:
@@ -453,6 +504,12 @@ class _ModulePlan:
         """Add the deltas of ``jobs`` to ``out`` in place; rows outside the jobs are not touched."""
         for job in jobs:
             if job.fast is not None and job.fast(x, out):
+                continue
+            if isinstance(job, _SharedJob):
+                xr = x[job.rows]
+                for i in range(job.m):  # each adapter's delta on the same rows
+                    one = {k: v[i:i + 1] for k, v in job.stacks.items()}
+                    self._add(out, job.rows, _group_delta(job.group, one, xr, 1, self.geometry))
                 continue
             self._add(out, job.rows, _group_delta(job.group, job.stacks, x[job.rows], job.m, self.geometry))
 

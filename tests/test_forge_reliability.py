@@ -8,7 +8,7 @@ import pytest
 import torch
 from fake_forge.harness import make_env, reference_run
 
-from loratorio import host_forge, host_forge_pass, host_forge_step, routing
+from loratorio import host_forge, host_forge_fold, host_forge_pass, host_forge_step, routing
 
 
 def _sha(path):
@@ -240,7 +240,8 @@ def test_hires_fix_restarts_the_schedule_and_reuses_branch_texts(monkeypatch, tm
     monkeypatch.setattr(host_forge_pass, "branch_texts", counted)
     steps_seen = []
     original_step = host_forge_step.pass_step
-    monkeypatch.setattr(host_forge_step, "pass_step", lambda d: steps_seen.append(original_step(d)) or steps_seen[-1])
+    # the step index each model call prepares its branch rows for (the conditioning modifier's)
+    monkeypatch.setattr(host_forge_fold, "pass_step", lambda d: steps_seen.append(original_step(d)) or steps_seen[-1])
     p, _out = env.run(prompt, {}, enable_hr=True, hr_second_pass_steps=2, denoising_strength=0.5, steps=3)
     assert calls["n"] == 2  # first pass and hires pass (Forge calls the hook twice for the hires pass)
     assert p.scripts.calls.count("process_before_every_sampling") == 3
