@@ -30,7 +30,7 @@
     })();
 
     var LABELS = {
-        method: 'Method',
+        method: 'Composition method',
         recenter: 'Lambda (re-centring)',
         temperature_scale: 'Temperature scale',
         patch_size: 'Patch size',
@@ -50,10 +50,12 @@
             'the model: each LoRA runs as its own branch and acts where it differs most from the base model, ' +
             'so concepts stay apart instead of bleeding into each other or washing out. ' +
             'Costs about N + 1 times the time of a plain generation with N LoRAs.',
-        'Method': 'How the LoRAs are fused. resolve (default): every LoRA adds its own change to the base ' +
-            'model\'s prediction; only where two LoRAs push the same patch opposite ways does the one that owns ' +
-            'the patch keep its change. paper: the published LoRAtorio step (each patch shared by SoftMin ' +
-            'weights that sum to one). Same speed.',
+        'Composition method': 'How the LoRAs are fused. joint (default): resolve averaged with the model ' +
+            'running every LoRA at once, which sees what the LoRAs do to each other (clothing on the ' +
+            'character, not on a generic figure); one more row per step. resolve: every LoRA adds its own ' +
+            'change to the base model\'s prediction; only where two LoRAs push the same patch opposite ways ' +
+            'does the one that owns the patch keep its change. paper: the published LoRAtorio step (each ' +
+            'patch shared by SoftMin weights that sum to one).',
         'Lambda (re-centring)': 'How far the negative (unconditional) prediction follows the LoRAs: 1 (default) = ' +
             'it carries the LoRAs\' own change, so guidance does not over-amplify them; lower = stronger ' +
             'concepts but burnt or black images at usual CFG scales; 0 = the base model alone. ' +

@@ -28,6 +28,8 @@ OPTION_KEYS: dict[str, str] = {
 # A new key for lambda: the WebUI keeps every applied setting, and the 0.5 stored by versions
 # before the methods would give the default method a negative that lets guidance burn images.
 OPTION_KEYS["recenter"] = "loratorio_default_lambda"
+# A new key for the method with the joint default, for the same reason ("resolve" stored before).
+OPTION_KEYS["method"] = "loratorio_default_composition_method"
 XYZ_PREFIX = "[LoRAtorio] "
 OVERRIDES_ATTR = "loratorio_overrides"  # set on the processing object by XYZ axes
 

@@ -364,7 +364,9 @@ LABELS: dict[str, str] = {
     "merge_into_base": "Merge into base instead",
     "composition_map": "Show composition map",
     "max_rows_per_call": "Max rows per model call",
-    "method": "Method",
+    # A new label with the joint default: the WebUI keeps every component's value in ui-config.json under
+    # its label, and the "resolve" stored there by the version before would override the new default.
+    "method": "Composition method",
 }
 
 FIELD_HELP: dict[str, str] = {

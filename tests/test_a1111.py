@@ -661,8 +661,8 @@ def test_xyz_axes_override_settings(fake):
     fake.script_callbacks.before_ui_callback()  # a UI reload must not add them twice
     labels = [o.label for o in xyz_grid.axis_options if o.label.startswith("[LoRAtorio]")]
     assert labels == ["[LoRAtorio] Enabled", "[LoRAtorio] Lambda (re-centring)", "[LoRAtorio] Temperature scale",
-                      "[LoRAtorio] Patch size", "[LoRAtorio] Top-k", "[LoRAtorio] Method"]
-    assert options_choices(xyz_grid, "[LoRAtorio] Method") == list(METHODS)
+                      "[LoRAtorio] Patch size", "[LoRAtorio] Top-k", "[LoRAtorio] Composition method"]
+    assert options_choices(xyz_grid, "[LoRAtorio] Composition method") == list(METHODS)
     options = {o.label: o for o in xyz_grid.axis_options}
     p = fa.make_p(fake, runner, Settings().to_args(), prompt="a cat <lora:style> <lora:char>", steps=STEPS)
     seen = {}
@@ -674,7 +674,8 @@ def test_xyz_axes_override_settings(fake):
 
     xyz_grid.run_cell(p, [(options["[LoRAtorio] Enabled"], "True"), (options["[LoRAtorio] Top-k"], "1")], run)
     assert seen["settings"].enabled and seen["settings"].top_k == 1
-    xyz_grid.run_cell(p, [(options["[LoRAtorio] Enabled"], "True"), (options["[LoRAtorio] Method"], "paper")], run)
+    method_axis = options["[LoRAtorio] Composition method"]
+    xyz_grid.run_cell(p, [(options["[LoRAtorio] Enabled"], "True"), (method_axis, "paper")], run)
     assert seen["settings"].method == "paper"
     assert not hasattr(p, "loratorio_overrides")  # the grid's copy carries them, not the original
     xyz_grid.run_cell(p, [(options["[LoRAtorio] Enabled"], "True"), (options["[LoRAtorio] Patch size"], "0")],

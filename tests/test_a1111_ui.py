@@ -51,7 +51,7 @@ def test_ui_takes_defaults_from_the_settings_page(fake):
     assert components[UI_ORDER.index("recenter")].value == Settings().recenter
     opts.loratorio_default_lambda = 0.2
     opts.loratorio_default_top_k = 2
-    opts.loratorio_default_method = "paper"
+    opts.loratorio_default_composition_method = "paper"
     components = script.ui(False)
     values = dict(zip(UI_ORDER, [c.value for c in components], strict=True))
     assert values["recenter"] == 0.2 and values["top_k"] == 2 and values["enabled"] is False

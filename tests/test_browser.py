@@ -30,7 +30,7 @@ PAGE = "tests/browser/index.html"
 APT_HINT = "apt-get install -y chromium chromium-driver"
 
 LABELS = {
-    "method": "Method",
+    "method": "Composition method",
     "recenter": "Lambda (re-centring)",
     "temperature_scale": "Temperature scale",
     "patch_size": "Patch size",
