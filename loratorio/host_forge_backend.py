@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Backend", "backups", "compute_dtype", "detect", "learned_conditioning", "low_rank_parts",
-           "needs_base_weight", "patch_kind", "sd_conditioning", "text_pass_kept"]
+__all__ = ["LORA_KEY_SUFFIXES", "Backend", "backups", "compute_dtype", "detect", "layer_of", "learned_conditioning",
+           "low_rank_parts", "needs_base_weight", "patch_kind", "sd_conditioning", "text_pass_kept"]
 
 
 def _has(module: str) -> bool:
@@ -235,21 +235,28 @@ _BUILDERS: dict[str, Callable[[], Backend]] = {
     "reforge": lambda: _forge1("reforge"),
 }
 
-_LORA_PART = (".lora_up.weight", ".lora_down.weight", ".lora_mid.weight", ".lora_A.weight", ".lora_B.weight",
-              "_lora.up.weight", "_lora.down.weight", ".lora.up.weight", ".lora.down.weight", ".lora_B", ".lora_A",
-              ".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", ".alpha", ".dora_scale",
-              ".reshape_weight", ".diff", ".diff_b", ".w_norm", ".b_norm", ".set_weight")
+# Key endings of the tensors LoRA-like files hold (kohya, PEFT, diffusers, LyCORIS, BFL control).
+LORA_KEY_SUFFIXES = (
+    ".lora_up.weight", ".lora_down.weight", ".lora_mid.weight", ".lora_A.weight", ".lora_B.weight",
+    "_lora.up.weight", "_lora.down.weight", ".lora.up.weight", ".lora.down.weight",
+    ".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", ".alpha", ".dora_scale",
+    ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2",
+    ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2",
+    ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight", ".diff", ".diff_b", ".w_norm", ".b_norm",
+    ".set_weight", ".reshape_weight",
+)
+
+
+def layer_of(key: str) -> str:
+    """The layer a LoRA file's tensor belongs to: its name before the LoRA part's suffix (the whole name
+    when it has none)."""
+    return next((key[: -len(s)] for s in LORA_KEY_SUFFIXES if key.endswith(s)), key)
 
 
 def _unmatched(sd: Mapping, key_map: Mapping) -> dict:
-    """The tensors of ``sd`` whose layer (the name before a LoRA part's suffix) no key of ``key_map`` names."""
+    """The tensors of ``sd`` whose layer no key of ``key_map`` names."""
     names = set(key_map)
-    out = {}
-    for key, value in sd.items():
-        layer = next((key[: -len(s)] for s in _LORA_PART if key.endswith(s)), key.split(".")[0])
-        if layer not in names:
-            out[key] = value
-    return out
+    return {key: value for key, value in sd.items() if layer_of(key) not in names}
 
 
 # -- pieces of the WebUI around the backend --------------------------------------------------------

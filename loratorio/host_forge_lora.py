@@ -19,25 +19,22 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .host_forge_backend import Backend, backups, detect, low_rank_parts, needs_base_weight, patch_kind
+from .host_forge_backend import (
+    LORA_KEY_SUFFIXES,
+    Backend,
+    backups,
+    detect,
+    layer_of,
+    low_rank_parts,
+    needs_base_weight,
+    patch_kind,
+)
 from .loading import HostBridge, LoadedLora, LoraFile, LoraLoadError, Reason
 from .lora import Dense, LowRank, OutputSlice
 
 __all__ = ["ForgeBridge", "adapters_from_patches", "is_forge", "loaded_from_state_dict"]
 
 _WEIGHT = ".weight"
-# Key endings of the tensors LoRA-like files hold (kohya, PEFT, diffusers, LyCORIS).
-_LORA_SUFFIXES = (
-    ".lora_up.weight", ".lora_down.weight", ".lora_mid.weight", ".lora_A.weight", ".lora_B.weight",
-    "_lora.up.weight", "_lora.down.weight", ".lora.up.weight", ".lora.down.weight",
-    ".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", ".alpha", ".dora_scale",
-    ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2",
-    ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2",
-    ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight", ".diff", ".diff_b", ".w_norm", ".b_norm",
-    ".set_weight",
-)
-
-
 def is_forge(sd_model) -> bool:
     """Forge's engines carry ``forge_objects`` (UNet/CLIP/VAE patchers); A1111's models do not."""
     return sd_model is not None and hasattr(sd_model, "forge_objects")
@@ -203,15 +200,7 @@ def adapters_from_patches(patches: Mapping, root: torch.nn.Module, *, merge: Cal
 
 def _layer_count(keys) -> int:
     """Distinct layers among left-over LoRA tensor names."""
-    layers = set()
-    for k in keys:
-        for suffix in _LORA_SUFFIXES:
-            if k.endswith(suffix):
-                layers.add(k[: -len(suffix)])
-                break
-        else:
-            layers.add(k)
-    return len(layers)
+    return len({layer_of(k) for k in keys})
 
 
 def loaded_from_state_dict(state_dict: Mapping, unet_model: torch.nn.Module, text_encoders: torch.nn.Module | None,
@@ -223,7 +212,7 @@ def loaded_from_state_dict(state_dict: Mapping, unet_model: torch.nn.Module, tex
     patchers give the unpatched weights of layers the built-in has merged into.
     """
     backend = backend or detect()
-    if not any(k.endswith(_LORA_SUFFIXES) for k in state_dict):
+    if not any(k.endswith(LORA_KEY_SUFFIXES) for k in state_dict):
         raise LoraLoadError(Reason.not_a_lora(len(state_dict)))
     unet_patches, te_patches, rest = backend.lora_patches(state_dict, unet_model, text_encoders)
     if backend.mismatch_refused(len(rest), len(state_dict)):
