@@ -130,9 +130,8 @@ def after_extra_networks_activate(p, *args, extra_network_data=None, **kwargs) -
         if builtin is not None:
             hashes = dict(getattr(p, "lora_hashes", None) or {})
             info = p.extra_generation_params.get("Lora hashes")
-            if detect().name == "classic":
-                # Classic's built-in applies its LoRAs on top of whatever the model holds now (every tag's, from
-                # the first activation); Forge, Neo and reForge start from the unpatched objects themselves.
+            if not detect().builtin_starts_clean:
+                # the model holds every tag's LoRAs from the first activation: start the second from the unpatched
                 p.sd_model.forge_objects = p.sd_model.forge_objects_original.shallow_copy()
             builtin.activate(p, list(keep))
             if hashes:

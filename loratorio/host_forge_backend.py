@@ -130,6 +130,9 @@ class Backend:
     compute_cond_mark: Callable | None = None
     compute_cond_indices: Callable | None = None
     mismatch_refused: Callable[[int, int], bool] = lambda rest, total: rest > 12
+    # Whether the built-in LoRA rebuilds its patchers from the unpatched objects on each activation
+    # (Forge, Neo, reForge); Classic's applies its LoRAs on top of whatever the model holds.
+    builtin_starts_clean: bool = True
 
     @property
     def family(self) -> str:
@@ -225,6 +228,7 @@ def _forge1(name: str) -> Backend:
         compile_weighted_conditions=forge_sampler.cond_from_a1111_to_patched_ldm_weighted,
         compute_cond_mark=getattr(sampling, "compute_cond_mark", None),
         compute_cond_indices=getattr(sampling, "compute_cond_indices", None),
+        builtin_starts_clean=name != "classic",  # Classic's networks.load_networks (networks.py:31-70)
     )
 
 
