@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .generation import usable
-from .host_forge_backend import detect
+from .host_forge_backend import Backend
 from .host_forge_step import (
     _COND,
     _TEXT_CONDS,
@@ -110,7 +110,7 @@ def _fold_refusal(ctx: PassContext, model, x: torch.Tensor, uncond, cond, opts: 
     if ctx.max_rows > 0 and rows > ctx.max_rows:
         return "more rows than max_rows_per_call"
     estimate = getattr(model, "memory_required", None)
-    if estimate is not None and estimate([rows, *x.shape[1:]]) >= detect().get_free_memory(x.device):
+    if estimate is not None and estimate([rows, *x.shape[1:]]) >= ctx.backend.get_free_memory(x.device):
         return "not enough free memory"
     return None
 
@@ -193,7 +193,7 @@ def _fold_wrapper(ctx: PassContext) -> Callable:
         c_ext = {}
         for key, value in c.items():
             if key == "transformer_options":
-                c_ext[key] = _extended_options(value, marks, blocks)
+                c_ext[key] = _extended_options(value, marks, blocks, ctx.backend)
             elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
                 parts = [value]
                 for (j, kind, _o), r in zip(blocks, picks, strict=True):
@@ -233,7 +233,7 @@ def _fold_wrapper(ctx: PassContext) -> Callable:
     return wrapper
 
 
-def _extended_options(options, chunks: list[int], blocks: list[tuple]):
+def _extended_options(options, chunks: list[int], blocks: list[tuple], backend: Backend):
     """``transformer_options`` of the longer batch: the chunk marks and what the host derives from them.
 
     ``chunks``: the call's own chunk marks; ``blocks``: the added ``(branch, kind, chunk)``
@@ -251,7 +251,6 @@ def _extended_options(options, chunks: list[int], blocks: list[tuple]):
         out["uuids"] = uuids + [uuids[o] for _, _, o in blocks]
     sigmas = out.get("sigmas")
     if isinstance(sigmas, torch.Tensor):
-        backend = detect()
         per = int(sigmas.shape[0])
         if "cond_mark" in out:
             mark = backend.compute_cond_mark

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .generation import GenerationState, get_state, usable
-from .host_forge_backend import detect
+from .host_forge_backend import Backend, detect
 from .host_lifecycle import stop_generation
 from .routing import RoutingError
 
@@ -102,6 +102,14 @@ class PassContext:
     merged_text: tuple | None = None  # the merged row's (cond, uncond) prompt conditioning, every LoRA's encoder
     fold: _Fold | None = None  # the current model call's branch rows inside Forge's own batch (host_forge_fold)
     post_cfg: Callable | None = None  # this pass's post-CFG function (to know whether it runs first)
+    _backend: Backend | None = None
+
+    @property
+    def backend(self) -> Backend:
+        """The WebUI's backend, detected once per pass (the step functions call it at every model call)."""
+        if self._backend is None:
+            self._backend = detect()
+        return self._backend
 
 
 _COND, _UNCOND = 0, 1  # Forge's cond_or_uncond marks
@@ -199,7 +207,7 @@ def _group_size(ctx: PassContext, model, x: torch.Tensor, parts: int, n_active: 
         g = max(1, min(g, ctx.max_rows // max(1, batch * parts)))
     estimate = getattr(model, "memory_required", None)
     if estimate is not None and g > 1:
-        free = detect().get_free_memory(x.device)
+        free = ctx.backend.get_free_memory(x.device)
         while g > 1 and estimate([g * batch, *x.shape[1:]]) >= free:
             g -= 1
     return g
@@ -207,7 +215,7 @@ def _group_size(ctx: PassContext, model, x: torch.Tensor, parts: int, n_active: 
 
 def _run_branches(ctx: PassContext, active: list[int], args: Mapping, conds: list, kind: str) -> torch.Tensor:
     """x0 predictions of the ``active`` branches for the compiled ``conds``: ``[len(active), B, C, H, W]``."""
-    backend = detect()
+    backend = ctx.backend
     x, sigma, model, opts = args["input"], args["sigma"], args["model"], args["model_options"]
     batch = int(x.shape[0])
     g = _group_size(ctx, model, x, len(conds), len(active))
@@ -228,7 +236,7 @@ def _run_merged(ctx: PassContext, active: list[int], args: Mapping, conds: list,
     """x0 prediction of the merged row (every ``active`` LoRA at once) for the compiled ``conds``: ``[B, C, H, W]``."""
     x, sigma, model, opts = args["input"], args["sigma"], args["model"], args["model_options"]
     own = ctx.step_texts.get(MERGED, (None, None))[0 if kind == "cond" else 1]
-    out, _ = detect().calc_cond_uncond_batch(model, _branch_conds(conds, [own]), None, x, sigma,
+    out, _ = ctx.backend.calc_cond_uncond_batch(model, _branch_conds(conds, [own]), None, x, sigma,
                                              _routed_options(ctx, opts, active, int(x.shape[0]), merged=True))
     return out
 
@@ -239,7 +247,7 @@ def _compile_step_texts(ctx: PassContext, base_cond: list, base_uncond: list | N
         return {}
     from modules import prompt_parser
 
-    backend = detect()
+    backend = ctx.backend
     denoiser = getattr(getattr(ctx.p, "sampler", None), "model_wrap_cfg", None)
     call = int(getattr(denoiser, "step", 0) or 0)
     out = {}
