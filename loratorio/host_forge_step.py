@@ -302,32 +302,27 @@ def _post_cfg(ctx: PassContext, args: Mapping) -> torch.Tensor:
     state.extra["steps"] = state.extra.get("steps", 0) + 1
     folded = fold.outputs if fold is not None else {}
     need = [("cond", _COND, cond)] + ([("uncond", _UNCOND, uncond)] if use_uncond else [])
-    preds = {}
-    for name, kind, conds in need:
-        if all((j, kind) in folded for j in active):
-            preds[name] = torch.stack([folded[(j, kind)] for j in active])
-            continue
-        # this kind did not ride in Forge's call (see _fold_refusal): the branches' own call
+    preds, merged = {}, {}
+    use_merged = composer.needs_merged(active)
+
+    def own_call(run, *call_args):
+        # rows that did not ride in Forge's call (see _fold_refusal) get calls of their own, with the
+        # step's branch texts compiled once for all of them
         if not ctx.step_texts:
             ctx.step_texts = (fold.texts if fold is not None else
                               _compile_step_texts(ctx, cond, uncond if use_uncond else None, active))
-        try:
-            preds[name] = _run_branches(ctx, active, args, conds, name)
-        finally:
-            ctx.step_texts = {}
-    merged = {}
-    if composer.needs_merged(active):
+        return run(ctx, active, args, *call_args)
+
+    try:
         for name, kind, conds in need:
-            if (MERGED, kind) in folded:
-                merged[name] = folded[(MERGED, kind)]
-                continue
-            if not ctx.step_texts:
-                ctx.step_texts = (fold.texts if fold is not None else
-                                  _compile_step_texts(ctx, cond, uncond if use_uncond else None, active))
-            try:
-                merged[name] = _run_merged(ctx, active, args, conds, name)
-            finally:
-                ctx.step_texts = {}
+            if all((j, kind) in folded for j in active):
+                preds[name] = torch.stack([folded[(j, kind)] for j in active])
+            else:
+                preds[name] = own_call(_run_branches, conds, name)
+        for name, kind, conds in need if use_merged else ():
+            merged[name] = folded[(MERGED, kind)] if (MERGED, kind) in folded else own_call(_run_merged, conds, name)
+    finally:
+        ctx.step_texts = {}
     lora_cond, lora_uncond = preds["cond"], preds.get("uncond")
     res = composer.fuse(step=step, active=active, base_cond=cond_pred, lora_cond=lora_cond,
                         base_uncond=uncond_pred if uncond_ran else None, lora_uncond=lora_uncond, x=x,
