@@ -16,7 +16,6 @@ Errors here stop the generation (:func:`guarded`) through the WebUI's interrupt.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import weakref
@@ -28,7 +27,7 @@ from torch import nn
 from .generation import GenerationState, call_rows, get_state, plan_calls, usable
 from .host_a1111_lora import A1111Bridge, _shared
 from .host_a1111_text import PassConds, hires_conds
-from .host_lifecycle import stop_generation
+from .host_lifecycle import guarded_by, stop_generation
 
 log = logging.getLogger("loratorio")
 
@@ -48,12 +47,9 @@ def release_step(p, state: GenerationState) -> None:
     _close_watches()
 
 
-@contextlib.contextmanager
 def guarded(p, where: str):
-    try:
-        yield
-    except Exception as exc:
-        fail(p, get_state(p), exc, where)
+    """A hook's work; an error in it stops the generation through :func:`fail`."""
+    return guarded_by(fail, p, where)
 
 
 # -- the per-step hook ---------------------------------------------------------------------------

@@ -25,7 +25,6 @@ interrupt, and gives Forge back the patcher the pass cloned (:func:`release_pass
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,9 +32,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .generation import GenerationState, get_state, usable
+from .generation import GenerationState, usable
 from .host_forge_backend import Backend, detect
-from .host_lifecycle import stop_generation
+from .host_lifecycle import guarded_by, stop_generation
 from .routing import RoutingError
 
 if TYPE_CHECKING:
@@ -390,9 +389,6 @@ def fail(p, state: GenerationState | None, exc: BaseException, where: str) -> No
     stop_generation(p, state, exc, where, release=release_pass)
 
 
-@contextlib.contextmanager
 def guarded(p, where: str):
-    try:
-        yield
-    except Exception as exc:
-        fail(p, get_state(p), exc, where)
+    """A hook's work; an error in it stops the generation through :func:`fail`."""
+    return guarded_by(fail, p, where)

@@ -6,6 +6,7 @@ The host's ``modules`` (errors, shared) are imported inside the functions that n
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 from .generation import STATE_ATTR, GenerationState, get_state
@@ -13,8 +14,9 @@ from .host_options import cache_limit_mb, settings_for
 from .loading import AdapterCache
 from .settings import INFOTEXT_KEYS, SettingsError
 
-__all__ = ["append_maps", "comment", "keep_image_for_map", "refusal_text", "refuse_job", "report_after_images",
-           "set_lora_hashes", "show_report", "show_under_images", "start_generation", "stop_generation"]
+__all__ = ["append_maps", "comment", "guarded_by", "keep_image_for_map", "refusal_text", "refuse_job",
+           "report_after_images", "set_lora_hashes", "show_report", "show_under_images", "start_generation",
+           "stop_generation"]
 
 def refusal_text(message: str) -> str:
     """A refused job's console and UI line: the message with one ``LoRAtorio:`` prefix where it names none."""
@@ -65,6 +67,16 @@ def stop_generation(p, state: GenerationState | None, exc: BaseException, where:
         state.close()
     comment(p, text)
     _interrupt_job()
+
+
+@contextlib.contextmanager
+def guarded_by(fail: Callable, p, where: str):
+    """Run a hook's work; an exception goes to ``fail(p, state, exc, where)``, the host adapter's way of
+    stopping the generation (see :func:`stop_generation`)."""
+    try:
+        yield
+    except Exception as exc:
+        fail(p, get_state(p), exc, where)
 
 
 def report_after_images(p, processed, exc: BaseException, step: str) -> str:
