@@ -7,14 +7,15 @@ to it) against one *plain* call of the same rows. The difference divided by the 
 of routed modules is what a routed module adds to a call: hook dispatch, row bookkeeping
 and the adapters' kernel launches. Measured side by side (paired per repetition).
 
-The routing before the per-module work was cut (revision :data:`BASELINE_REV`, read from
-this repository's git history when there is one) is measured in the same repetitions,
-so the two values are side by side.
+Earlier routings (the revisions in :data:`BASELINES`, read from this repository's git
+history when there is one) are measured in the same repetitions, so the values are side
+by side.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,28 +33,41 @@ LATENT = 8
 BATCH = 1
 N = 4
 RANK = 16
-BASELINE_REV = "8d67308"  # the last revision with one hook per module doing all its planning at every call
+# earlier routings measured side by side: revision -> what it did per routed module
+BASELINES = {
+    "8d67308": "one forward hook per module planning its work at every call",
+    "c7858c0": "one forward hook per module with its plan kept; a handle and closures made per call",
+}
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def baseline_router():
-    """``Router`` of :data:`BASELINE_REV`'s ``loratorio/routing.py``, or None without git history."""
-    try:
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_REV}:loratorio/routing.py"],
-                                capture_output=True, text=True, check=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+def baseline_router(revision: str):
+    """``Router`` of ``loratorio/routing.py`` (and its job module, where it has one) at ``revision``, or None
+    without git history. It is loaded as a package of its own that uses today's adapter types."""
+
+    def show(path: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{path}"], capture_output=True,
+                                  text=True, check=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    routing = show("loratorio/routing.py")
+    if routing is None:
         return None
-    name = "loratorio._routing_baseline"
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(name, f.name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    package = Path(tempfile.mkdtemp(prefix="loratorio-routing-")) / f"_routing_{revision}"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "routing.py").write_text(routing.replace("from .lora import", "from loratorio.lora import"))
+    jobs = show("loratorio/routing_jobs.py")
+    if jobs is not None:
+        (package / "routing_jobs.py").write_text(jobs)
+    sys.path.insert(0, str(package.parent))
     try:
-        spec.loader.exec_module(module)
+        return importlib.import_module(f"{package.name}.routing").Router
     finally:
-        Path(f.name).unlink(missing_ok=True)
-    return module.Router
+        sys.path.remove(str(package.parent))
+        shutil.rmtree(package.parent, ignore_errors=True)
 
 
 def routed_rows(work: Workload, n: int) -> list[slice | None]:
@@ -87,9 +101,12 @@ def measure(*, reps: int, warmup: int = 2, sync=lambda: None, device: str | torc
         return routed
 
     variants = {"plain": plain, "routed": routed_with(work.router)}
-    baseline = baseline_router() if with_baseline else None
-    if baseline is not None:
-        variants["routed_baseline"] = routed_with(baseline(model.targets, adapters))
+    baselines = {}
+    for revision in (BASELINES if with_baseline else ()):
+        router = baseline_router(revision)
+        if router is not None:
+            baselines[revision] = router
+            variants[f"routed_{revision}"] = routed_with(router(model.targets, adapters))
     # On a CPU the work is this thread's: its CPU time leaves out the time other processes take the
     # core (the machine is shared); on an accelerator the call's wall time is what counts.
     clock = time.thread_time if torch.device(device).type == "cpu" else time.perf_counter
@@ -114,11 +131,13 @@ def measure(*, reps: int, warmup: int = 2, sync=lambda: None, device: str | torc
         "setup": {"model": MODEL, "latent": LATENT, "batch": BATCH, "n": N, "rank": RANK, "reps": reps,
                   "calls_per_sample": inner},
     }
-    if baseline is not None:
-        before = per_module("routed_baseline")
-        out["baseline"] = {"revision": BASELINE_REV, "hook_us_per_module": statistics.median(before),
-                           "min": min(before), "max": max(before),
-                           "routed_ms": samples["routed_baseline"].median / inner * 1e3}
+    out["baselines"] = []
+    for revision in baselines:
+        before = per_module(f"routed_{revision}")
+        out["baselines"].append({"revision": revision, "what": BASELINES[revision],
+                                 "hook_us_per_module": statistics.median(before), "min": min(before),
+                                 "max": max(before),
+                                 "routed_ms": samples[f"routed_{revision}"].median / inner * 1e3})
     return out
 
 

@@ -11,9 +11,10 @@ dense, same output slice) run as one batched matmul or one grouped convolution, 
 zero-padded to the largest, so the cost grows with the adapters' FLOPs and not with
 Python calls per adapter.
 
-Safety: only forward hooks are added (weights are never written), they are removed on
-exit, on any exception and on KeyboardInterrupt, and a module cannot be routed twice at
-once (nesting is an error, so is overlapping rows).
+Safety: weights are never written; the routed forward is set on each target module's
+instance for the block's duration only and removed on exit, on any exception and on
+KeyboardInterrupt (see :class:`_Override`), and a module cannot be routed twice at once
+(nesting is an error, so is overlapping rows).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,14 +32,16 @@ from torch import nn
 from .lora import Dense, LowRank, OutputSlice, pieces
 from .routing_jobs import _Job, _linear_fast, _linear_shared, _members, _pointwise_fast, _SharedJob
 
-__all__ = ["Router", "RoutingError", "routed"]
+__all__ = ["Router", "RoutingError", "attached", "routed"]
 
 
 class RoutingError(RuntimeError):
     """Routing was asked for something it cannot do safely (nesting, unknown module, bad rows)."""
 
 
-_ACTIVE: weakref.WeakSet = weakref.WeakSet()
+# ids of the modules being routed now (plain ints: entering a route keeps no objects alive that
+# the garbage collector would have to track; a routed module is held by its router meanwhile)
+_ACTIVE: set[int] = set()
 _ACTIVE_LOCK = threading.Lock()
 
 
@@ -249,6 +251,8 @@ class _ModulePlan:
         self.features = slice(None) if out_slice is None else slice(out_slice[0], out_slice[0] + out_slice[1])
         self._schedules: dict[tuple, list[_Job]] = {}
         self._products: dict[tuple, torch.Tensor] = {}  # fused factor products, shared by the schedules
+        # the schedule of the current route block and input kind (see apply)
+        self._epoch, self._batch, self._dtype, self._device, self._jobs = -1, -1, None, None, []
 
     def jobs(self, spans_key: tuple, spans, batch: int, device, dtype) -> list[_Job]:
         """The schedule for this row layout, batch size, device and dtype, built once and kept.
@@ -349,6 +353,19 @@ class _ModulePlan:
         return (self.conv and g is not None and g.kernel == (1, 1) and g.stride == (1, 1) and g.dilation == (1, 1)
                 and not isinstance(g.padding, str) and tuple(g.padding) == (0, 0))
 
+    def apply(self, x: torch.Tensor, out: torch.Tensor, session: _Session) -> None:
+        """Add this plan's deltas for the current route block to ``out`` (the module's output for input ``x``).
+
+        The schedule is looked up once per route block and kept while the inputs' batch
+        size, device and dtype stay the same (every call of a step).
+        """
+        batch = x.shape[0]
+        if (self._epoch != session.epoch or batch != self._batch or x.dtype != self._dtype
+                or x.device != self._device):
+            self._jobs = self.jobs(session.spans_key, session.spans, batch, x.device, x.dtype)
+            self._epoch, self._batch, self._dtype, self._device = session.epoch, batch, x.dtype, x.device
+        self.run(x, out, self._jobs)
+
     def run(self, x: torch.Tensor, out: torch.Tensor, jobs: list[_Job]) -> None:
         """Add the deltas of ``jobs`` to ``out`` in place; rows outside the jobs are not touched."""
         for job in jobs:
@@ -395,6 +412,8 @@ class Router:
                     per_module.setdefault(name, []).append((j, piece, out_slice))
         self._plans: list[_ModulePlan] = []
         self._modules: list[nn.Module] | None = None
+        self._session = _Session()
+        self._overrides: list[_Override] | None = None  # made at the first route, reused by later ones
         for name, entries in per_module.items():
             # One plan per output slice keeps the add-in-place target a plain view.
             slices = sorted({e[2] for e in entries}, key=lambda s: (s is not None, s))
@@ -418,7 +437,7 @@ class Router:
     @property
     def modules(self) -> list[nn.Module]:
         if self._modules is None:
-            self._modules = list({id(p.module): p.module for p in self._plans}.values())
+            self._modules = [module for module, _plans in self._by_module()]
         return self._modules
 
     def _spans(self, rows: Sequence) -> list[list[tuple[int, int | None]]]:
@@ -468,48 +487,135 @@ class Router:
         routes inside a model call it does not own and reports the error after that call.
         """
         spans = self._spans(rows)
-        spans_key = tuple(tuple(s) for s in spans)
-        modules = self.modules
+        session = self._session
+        if self._overrides is None:
+            self._overrides = [_Override(module, plans, session) for module, plans in self._by_module()]
+        ids = [id(o.module) for o in self._overrides]
         with _ACTIVE_LOCK:
-            busy = [m for m in modules if m in _ACTIVE]
-            if busy:
+            if any(i in _ACTIVE for i in ids):
                 raise RoutingError("a target module is already being routed; nested or concurrent routing "
                                    "of the same model is not allowed")
-            for m in modules:
-                _ACTIVE.add(m)
-        handles = []
+            _ACTIVE.update(ids)
+        session.epoch += 1
+        session.spans, session.spans_key, session.errors = spans, tuple(tuple(s) for s in spans), errors
+        installed = 0
         try:
-            for plan in self._plans:
-                handles.append(plan.module.register_forward_hook(_make_hook(plan, spans, spans_key, errors),
-                                                                 with_kwargs=True))
+            for override in self._overrides:
+                override.install()
+                installed += 1
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            for override in reversed(self._overrides[:installed]):
+                override.remove()
+            session.spans, session.spans_key, session.errors = None, None, None
             with _ACTIVE_LOCK:
-                for m in modules:
-                    _ACTIVE.discard(m)
+                _ACTIVE.difference_update(ids)
+
+    def _by_module(self) -> list[tuple[nn.Module, list[_ModulePlan]]]:
+        """The plans of each target module (several where LoRAs write different output slices)."""
+        grouped: dict[int, tuple[nn.Module, list[_ModulePlan]]] = {}
+        for plan in self._plans:
+            grouped.setdefault(id(plan.module), (plan.module, []))[1].append(plan)
+        return list(grouped.values())
 
 
-def _make_hook(plan: _ModulePlan, spans, spans_key: tuple, errors: list | None):
-    def hook(module, args, kwargs, output):
-        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-        if not isinstance(output, torch.Tensor):
-            raise RoutingError(f"module {plan.name!r} returned {type(output).__name__}, not a tensor")
-        plan.run(x, output, plan.jobs(spans_key, spans, x.shape[0], x.device, x.dtype))
+class _Session:
+    """The current route block of a router: its rows and error list, read by its routed forwards."""
 
-    if errors is None:
-        return hook
+    __slots__ = ("epoch", "errors", "spans", "spans_key")
 
-    def collecting(module, args, kwargs, output):
-        if errors:
+    def __init__(self):
+        self.epoch, self.errors, self.spans, self.spans_key = 0, None, None, None
+
+
+class _Override:
+    """A module's routed forward, set on the instance for each :meth:`Router.route` block.
+
+    The routed forward is set as ``module.__dict__["forward"]``, which ``nn.Module.__call__``
+    reads before the class's; the class's forward (or a forward another extension set on
+    the instance before) runs unchanged, then each plan adds its deltas to the output rows
+    in place. Against a forward hook this skips the hook path of ``nn.Module.__call__``,
+    and the deltas join the layer's own output before any hook of another extension sees
+    it, as merged weights would.
+
+    The override is made once per router and module and only switched on and off per
+    block: entering a route keeps no new objects alive (a hook per module made a handle
+    and closures at every step, all of them for the garbage collector to track).
+
+    :meth:`remove` restores what was there. If something else replaced the instance's
+    forward on top of ours meanwhile, ours cannot be unlinked from its chain: it stays
+    switched off (passing through) and a fresh one is made for later blocks.
+    """
+
+    __slots__ = ("_state", "forward", "module")
+
+    def __init__(self, module: nn.Module, plans: list[_ModulePlan], session: _Session):
+        self.module = module
+        self._state = _OverrideState(module, plans, session)
+        self.forward = _routed_forward(self._state)
+
+    def install(self) -> None:
+        state = self._state
+        state.previous = self.module.__dict__.get("forward")
+        state.class_forward = type(self.module).forward
+        state.live = True
+        self.module.__dict__["forward"] = self.forward
+
+    def remove(self) -> None:
+        state = self._state
+        state.live = False
+        attrs = self.module.__dict__
+        if attrs.get("forward") is self.forward:
+            if state.previous is None:
+                del attrs["forward"]
+            else:
+                attrs["forward"] = state.previous
+            state.previous = None
             return
-        try:
-            hook(module, args, kwargs, output)
-        except Exception as exc:
-            errors.append(exc)
+        # wrapped by someone else meanwhile: leave this one off in their chain, use a new one next time
+        self._state = _OverrideState(self.module, state.plans, state.session)
+        self.forward = _routed_forward(self._state)
 
-    return collecting
+
+class _OverrideState:
+    __slots__ = ("class_forward", "live", "module", "name", "plans", "previous", "session")
+
+    def __init__(self, module: nn.Module, plans: list[_ModulePlan], session: _Session):
+        self.module, self.plans, self.session, self.name = module, plans, session, plans[0].name
+        self.live, self.previous, self.class_forward = False, None, None
+
+
+def _routed_forward(state: _OverrideState):
+    """The forward of a routed module: its own forward, then each plan's deltas added to the output (in place)."""
+    module, plans, session = state.module, state.plans, state.session
+
+    def add(args: tuple, kwargs: dict, out) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise RoutingError(f"module {state.name!r} returned {type(out).__name__}, not a tensor")
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        for plan in plans:
+            plan.apply(x, out, session)
+
+    def forward(*args, **kwargs):
+        previous = state.previous
+        out = previous(*args, **kwargs) if previous is not None else state.class_forward(module, *args, **kwargs)
+        if state.live:
+            errors = session.errors
+            if errors is None:
+                add(args, kwargs, out)
+            elif not errors:  # after a module failed, the rest of the call stays the model's own
+                try:
+                    add(args, kwargs, out)
+                except Exception as exc:
+                    errors.append(exc)
+        return out
+
+    return forward
+
+
+def attached(module: nn.Module) -> bool:
+    """Whether routing (or anything else) has set a forward on this module's instance."""
+    return "forward" in module.__dict__
 
 
 def routed(targets: Mapping[str, nn.Module], adapters: Sequence[Mapping], rows: Sequence):

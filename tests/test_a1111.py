@@ -96,7 +96,8 @@ def assert_same_state(model, reference):
 
 
 def hooks_left(model):
-    return [name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    return [name for name, m in model.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m)]
 
 
 def generate(fake, runner, script_args, **kw):
@@ -495,7 +496,7 @@ def test_exception_inside_forward_removes_hooks(fake, model, monkeypatch):
     state = {"armed": False}
 
     def boom(module, args, output):
-        if state["armed"] and len(module._forward_hooks) > 1:  # only inside a routed branch call
+        if state["armed"] and "forward" in vars(module):  # only inside a routed call
             raise KeyError("injected inside the UNet")
 
     handle = target.register_forward_hook(boom)

@@ -154,11 +154,11 @@ class Env:
         return out
 
     def hooks(self):
-        """Forward hooks / pre-hooks left on any module of the model."""
+        """Forward hooks / pre-hooks and instance forwards left on any module of the model."""
         count = 0
         for module in itertools.chain(self.engine.forge_objects_original.unet.model.modules(),
                                       self.engine.text_encoders.modules()):
-            count += len(module._forward_hooks) + len(module._forward_pre_hooks)
+            count += len(module._forward_hooks) + len(module._forward_pre_hooks) + ("forward" in vars(module))
         return count
 
 
