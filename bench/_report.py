@@ -322,21 +322,22 @@ def notes(result: dict) -> list[str]:
             f"go through the host's own call (A1111: the CFG denoiser's batch; Forge: `calc_cond_uncond_batch`).")
     hook = d.get("hook_cost")
     if hook:
-        base = hook.get("baseline")
-        before = (f" The routing of revision {base['revision']} (every module planning its work at every call, "
-                  f"one to three kernels per module), measured in the same repetitions: "
-                  f"{base['hook_us_per_module']:.1f} µs per module (range {base['min']:.1f}–{base['max']:.1f})."
-                  if base else "")
+        before = "".join(
+            f" Revision {base['revision']} ({base['what']}), measured in the same repetitions: "
+            f"{base['hook_us_per_module']:.1f} µs per module (range {base['min']:.1f}–{base['max']:.1f})."
+            for base in hook.get("baselines", ()))
         share = hook.get("adapter_flop_share")
-        flops = (f" The adapters' arithmetic is {share * 100:.1f} % of the plain call's FLOPs, so nearly all of "
-                 f"it is per-module fixed cost." if share is not None else "")
+        flops = (f" The adapters' arithmetic is {share * 100:.1f} % of the plain call's FLOPs; on this CPU a "
+                 f"matmul or view costs microseconds however small it is, so the cost is the operations per "
+                 f"module, not their arithmetic." if share is not None else "")
         out.append(
             f"- **Routing cost per module.** A routed call of {hook['rows']} rows on the narrow SD1.5-layout UNet "
             f"({hook['modules']} routed modules) takes {hook['routed_ms']:.1f} ms against {hook['plain_ms']:.1f} ms "
             f"plain ({hook.get('clock', 'wall time')}): {result['hook_us_per_module']:.1f} µs per module. That is "
-            f"the hook, the adapters' matmuls (one per module where the factors' product is the cheaper form, as in "
-            f"most of this narrow model; two otherwise) and the row views; each module's plan is made once per row "
-            f"layout.{flops}{before}")
+            f"the routed forward (set on each target for the call, no hook), the adapters' matmuls (one per module "
+            f"where the factors' product is the cheaper form, as in most of this narrow model; two otherwise) and "
+            f"the row views; each module's plan is made once per row layout and kept for the route block.{flops}"
+            f"{before}")
     mem = d["memory"]
     out.append(
         f"- **Memory.** The router holds {mem['router_nbytes'] / 2**20:.1f} MiB for factors of "
@@ -391,14 +392,14 @@ def _gpu_section(gpu: dict, images: Path, cpu_digest: str) -> tuple[list[str], l
                   f"to its rows. At B=1 on this GPU it does not: an SD1.5 call costs {fixed:.1f} ms whatever its "
                   f"rows and {per_row:.2f} ms per row, because the GPU finishes each kernel sooner than Python on the "
                   f"CPU can issue the next one. What counts there is the number of calls and kernel launches: the "
-                  f"step's two calls against the floor's one, a hook per routed module, and the same two calls per "
+                  f"step's two calls against the floor's one, Python per routed module, and the same two calls per "
                   f"step whether 2 or 8 branches run. The merge path, with N+1 calls and N merges, is still "
                   f"{gpu['speedup_vs_remerge']:.1f}x slower than the step."]
     lines += [
               "- The routing error is measured in float32 with TF32 off, before the model is cast to bf16.",
               f"- Routing adds {routed_extra:.1f} ms to a {variants['plain_branch_rows']['median_ms']:.1f} ms call "
               f"of {2 * gpu['setup']['n']} rows: at B=1 the time of a call is set by how fast the CPU issues its "
-              f"kernels, and every routed module adds a Python hook and a few small kernels.",
+              f"kernels, and every routed module adds a Python forward and a few small kernels.",
               *(_call_cost_note(sweep, labels.get(name, name), gpu.get("model_calls_per_step", 2.0))
                 for name, sweep in gpu["sweeps"].items()),
               "", "![GPU step cost against N](images/bench_step_cost_gpu.png)"]

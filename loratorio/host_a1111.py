@@ -13,7 +13,7 @@ How LoRAtorio runs inside A1111:
 
 Exceptions inside these hooks stop the generation through the WebUI's interrupt (a
 script hook's exception alone would not stop it), with the cause in the console, the
-comments and the infotext; routing hooks and temporary merges never outlive one call.
+comments and the infotext; routed forwards and temporary merges never outlive one call.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def _factor(layer) -> torch.Tensor | None:
 
 
 def _convert_module(key: str, module, target, mapping):
-    """``(kind, target name, piece)``; kind "route" (output hook) or "merge" (packed weight)."""
+    """``(kind, target name, piece)``; kind "route" (routed output) or "merge" (packed weight)."""
     if isinstance(target, nn.MultiheadAttention):
         suffix = next((s for s in _PACKED_SUFFIXES if key.endswith(s)), None)
         if suffix is None:

@@ -2,9 +2,9 @@
 
 The branch rows join the denoiser's own batch, between its cond and its uncond rows, so
 A1111's one model call evaluates the base rows (unrouted, unchanged) and every branch
-row (routed to its LoRA by hooks that exist only during that call). Where A1111 itself
-calls the model in pieces (``batch_cond_uncond`` off, prompt and negative prompt of
-different token lengths) or the max-rows setting caps a call, the base rows run as
+row (routed to its LoRA only during that call). Where A1111 itself calls the model in
+pieces (``batch_cond_uncond`` off, prompt and negative prompt of different token
+lengths) or the max-rows setting caps a call, the base rows run as
 A1111 runs them and one extra routed call evaluates the branch rows (chunked by the
 max-rows setting). The :class:`~loratorio.engine.Composer` fuses them (method steps
 1-8), and the fused cond rows and re-centred uncond rows are written back into the
@@ -42,7 +42,7 @@ def fail(p, state: GenerationState | None, exc: BaseException, where: str) -> No
 
 
 def release_step(p, state: GenerationState) -> None:
-    """Take away the hooks a prepared step left on the UNet (its model call did not come)."""
+    """Take away the routing a prepared step left on the UNet (its model call did not come)."""
     _drop_pending(state)
     _close_watches()
 
@@ -88,7 +88,7 @@ class _CallWatch:
 
     The UNet's ``forward`` is wrapped for one call (an instance attribute, set when the
     step is prepared and taken away as that call starts): inside it the branch rows are
-    routed in a ``with`` block, so the routing hooks exist only while the call runs and
+    routed in a ``with`` block, so the routed forwards exist only while the call runs and
     leave on any exception, KeyboardInterrupt included. A call of another size is not the
     one this step prepared and runs unrouted. ``rows_seen`` is the batch the UNet got (the
     host drops the uncond rows on skip-uncond steps); ``errors`` collects an error of the
@@ -151,7 +151,7 @@ _WATCHES: weakref.WeakSet = weakref.WeakSet()
 
 
 def _close_watches() -> None:
-    """Take away every prepared step's hooks (a new job, a model change: nothing may carry over)."""
+    """Take away every prepared step's routing (a new job, a model change: nothing may carry over)."""
     for watch in list(_WATCHES):
         watch.close()
 

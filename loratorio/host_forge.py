@@ -12,10 +12,10 @@ loaded, so nothing of the composed LoRAs was merged), "Lora hashes" keep every L
 and the handled tags leave the extra-network data, which is part of the conditioning
 cache key. "Merge into base" LoRAs stay with the built-in and apply to every branch.
 
-Nothing here writes a weight: hooks are removed when a branch call ends (also on
-errors), and the text-encoder branches use the same hooks. An error in a hook stops the
-generation through the WebUI's interrupt with the cause in the console, the comments and
-the infotext; the next generation is unaffected.
+Nothing here writes a weight: the routed forwards are removed when a branch call ends
+(also on errors), and the text-encoder branches are routed the same way. An error in a
+routed layer stops the generation through the WebUI's interrupt with the cause in the
+console, the comments and the infotext; the next generation is unaffected.
 
 File:line references are to Forge f2.0.1v1.10.1 (``dfdcbab6``).
 """

@@ -48,11 +48,11 @@ def branch_texts(p, state: GenerationState, has_uncond: bool) -> tuple[list, tup
     Calls the WebUI's prompt machinery with the arguments ``processing.setup_conds`` /
     ``calculate_hr_conds`` use, so prompt editing, AND, BREAK, emphasis, SDXL's two
     encoders and Flux's CLIP-L + T5 (with its distilled guidance) follow; the text
-    encoder's layers are routed through the one LoRA (forward hooks, no weight is
-    written; Forge's text encoders have no packed projections). Returns ``([(cond,
-    uncond) | None] per branch, merged)``: ``merged`` is the merged row's conditioning
-    (every LoRA's text encoder at once) where the method uses that row, else None. A
-    non-finite result falls back to the base text with a note.
+    encoder's layers are routed through the one LoRA (no weight is written; Forge's text
+    encoders have no packed projections). Returns ``([(cond, uncond) | None] per branch,
+    merged)``: ``merged`` is the merged row's conditioning (every LoRA's text encoder at
+    once) where the method uses that row, else None. A non-finite result falls back to
+    the base text with a note.
     """
     if not state.settings.text_encoder_per_branch or not any(b.te for b in state.branches):
         return [], None

@@ -14,7 +14,7 @@ the UNet clone gets
   see ``_fold_refusal``), it runs them through Forge's ``calc_cond_uncond_batch`` with the
   compiled conds it receives, in calls of their own.
 
-The base rows are never routed: per-row LoRA hooks (:mod:`loratorio.routing`) touch only
+The base rows are never routed: per-row LoRA routing (:mod:`loratorio.routing`) touch only
 the branch rows, and exist only while a model call with branch rows runs. Forge's
 predictions are always *denoised* (x0) estimates, for every model family
 (``backend/modules/k_model.py:25-46``); fusion runs in that form with ``x``.
