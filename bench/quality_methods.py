@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.quality_model import ddim_step, ddim_timesteps
-from bench.quality_report import PAPER, default_name
+from bench.quality_report import PAPER, PAPER_LAMBDA1, default_name
 from loratorio.engine import Composer
 from loratorio.fusion import compose, method_options
 from loratorio.routing import Router
@@ -104,6 +104,7 @@ def default_methods() -> list[Method]:
         Method("merge", "merge"),
         Method("switch k=1", "switch", switch_every=1),
         Method(PAPER, "engine", method="paper", recenter=0.5),
+        Method(PAPER_LAMBDA1, "engine", method="paper", recenter=1.0),
         Method(default_name(d.method), "engine", method=d.method, **user),
         Method("loratorio resolve", "engine", method="resolve", **user),
         ablation("the whole merged-row term (joint=1)", joint=1.0),

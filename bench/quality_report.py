@@ -17,6 +17,7 @@ from bench.quality_world import CATEGORIES, CONCEPT_LIST, CONCEPTS, HEADS, SIZE,
 
 MERGE = "merge"
 PAPER = "loratorio paper"
+PAPER_LAMBDA1 = "loratorio paper, lambda 1"  # the paper's step with the default's lambda (no LoRA amplification)
 
 
 def default_name(method: str) -> str:
@@ -279,7 +280,7 @@ def _evidence(results: dict, methods, per_seed, default: str, ns) -> list[str]:
     if default not in results or MERGE not in results:
         return L
     rows = []
-    for other in (MERGE, PAPER):
+    for other in (MERGE, PAPER, PAPER_LAMBDA1):
         if other not in results:
             continue
         for n in ns:
@@ -306,6 +307,14 @@ def _evidence(results: dict, methods, per_seed, default: str, ns) -> list[str]:
     L += [f"- Two subjects: default {_f(results[default]['two_subject'])}, merge {_f(results[MERGE]['two_subject'])}"
           + (f", paper {_f(results[PAPER]['two_subject'])}" if PAPER in results else "")
           + f" (default - merge {two_merge[0]:+.3f}, se {_f(two_merge[1])})."]
+    if PAPER in results and PAPER_LAMBDA1 in results:
+        same = paired(results, default, PAPER_LAMBDA1, key="subjects_per_comp")
+        L += [f"- The paper's step with lambda 1 (the default's; the re-centred negative then does not amplify the "
+              f"LoRAs' changes under CFG): two-subject {_f(results[PAPER_LAMBDA1]['two_subject'])}, recall "
+              f"{_f(results[PAPER_LAMBDA1]['recall_avg'])}, FD {_f(results[PAPER_LAMBDA1]['fd'], 1)}; with the "
+              f"paper's lambda 0.5: two-subject {_f(results[PAPER]['two_subject'])}, FD "
+              f"{_f(results[PAPER]['fd'], 1)}. The default against the paper's step at the same lambda, "
+              f"two-subject: {same[0]:+.3f} (se {_f(same[1])})."]
     ablations = [m for m in methods if m.kind == "loratorio"]
     if ablations:
         L += ["", "Ablations: one option of the default changed at a time (paired against the default):", ""]
