@@ -578,6 +578,8 @@ class _Override:
 
 
 class _OverrideState:
+    """What a routed forward reads at each call: whether it is on, and the forward it wraps."""
+
     __slots__ = ("class_forward", "live", "module", "name", "plans", "previous", "session")
 
     def __init__(self, module: nn.Module, plans: list[_ModulePlan], session: _Session):

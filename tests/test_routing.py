@@ -376,7 +376,7 @@ def test_a_route_block_keeps_no_new_objects_for_the_garbage_collector():
     """
     import gc
 
-    modules = {f"m{i}": nn.Linear(8, 8) for i in range(40)}
+    modules = {f"m{i}": nn.Linear(8, 8) for i in range(100)}
     router = Router(modules, [{name: lowrank(8, 8, 2) for name in modules} for _ in range(2)])
     model = nn.Sequential(*modules.values())
     x = torch.randn(4, 8)
