@@ -158,6 +158,17 @@ def _two_maps(lora_mod, sd: Mapping, unet_model, text_encoders, load: Callable) 
     return unet_patches, te_patches, rest
 
 
+def _host_calls(utils, memory, sampling) -> dict:
+    """The Backend fields every backend takes from the same-named functions of its own host modules."""
+    return dict(
+        load_file=lambda path: utils.load_torch_file(path, safe_load=True),
+        get_free_memory=memory.get_free_memory,
+        calc_cond_uncond_batch=sampling.calc_cond_uncond_batch,
+        compute_cond_mark=getattr(sampling, "compute_cond_mark", None),
+        compute_cond_indices=getattr(sampling, "compute_cond_indices", None),
+    )
+
+
 def _forge2(name: str) -> Backend:
     import backend.memory_management as memory
     import backend.utils as utils
@@ -171,15 +182,11 @@ def _forge2(name: str) -> Backend:
 
     return Backend(
         name=name,
-        load_file=lambda path: utils.load_torch_file(path, safe_load=True),
         lora_patches=lambda sd, unet, te: _two_maps(lora, sd, unet, te, lora.load_lora),
         merge=merge,
-        get_free_memory=memory.get_free_memory,
-        calc_cond_uncond_batch=sampling.calc_cond_uncond_batch,
         compile_conditions=condition.compile_conditions,
         compile_weighted_conditions=condition.compile_weighted_conditions,
-        compute_cond_mark=getattr(sampling, "compute_cond_mark", None),
-        compute_cond_indices=getattr(sampling, "compute_cond_indices", None),
+        **_host_calls(utils, memory, sampling),
         # Neo's built-in refuses a file when more than half its tensors match nothing
         # (networks.py:58); Forge's when more than 12 do (networks.py:25-27)
         mismatch_refused=(lambda rest, total: rest > total / 2) if name == "neo" else (lambda rest, total: rest > 12),
@@ -219,15 +226,11 @@ def _forge1(name: str) -> Backend:
 
     return Backend(
         name=name,
-        load_file=lambda path: utils.load_torch_file(path, safe_load=True),
         lora_patches=lora_patches,
         merge=merge,
-        get_free_memory=memory.get_free_memory,
-        calc_cond_uncond_batch=sampling.calc_cond_uncond_batch,
         compile_conditions=forge_sampler.cond_from_a1111_to_patched_ldm,
         compile_weighted_conditions=forge_sampler.cond_from_a1111_to_patched_ldm_weighted,
-        compute_cond_mark=getattr(sampling, "compute_cond_mark", None),
-        compute_cond_indices=getattr(sampling, "compute_cond_indices", None),
+        **_host_calls(utils, memory, sampling),
         builtin_starts_clean=name != "classic",  # Classic's networks.load_networks (networks.py:31-70)
     )
 
