@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from loratorio.fusion import METHODS, compose, method_options
+from loratorio.routing import attached
 from loratorio.settings import Settings
 from tests import fake_a1111 as fa
 from tests.fake_a1111.model import TinySD
@@ -97,7 +98,7 @@ def assert_same_state(model, reference):
 
 def hooks_left(model):
     return [name for name, m in model.named_modules()
-            if m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m)]
+            if m._forward_hooks or m._forward_pre_hooks or attached(m)]
 
 
 def generate(fake, runner, script_args, **kw):
@@ -496,7 +497,7 @@ def test_exception_inside_forward_removes_hooks(fake, model, monkeypatch):
     state = {"armed": False}
 
     def boom(module, args, output):
-        if state["armed"] and "forward" in vars(module):  # only inside a routed call
+        if state["armed"] and attached(module):  # only inside a routed call
             raise KeyError("injected inside the UNet")
 
     handle = target.register_forward_hook(boom)

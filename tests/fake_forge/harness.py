@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from loratorio.fusion import method_options
+from loratorio.routing import attached
 from loratorio.settings import Settings
 
 from . import install
@@ -158,7 +159,7 @@ class Env:
         count = 0
         for module in itertools.chain(self.engine.forge_objects_original.unet.model.modules(),
                                       self.engine.text_encoders.modules()):
-            count += len(module._forward_hooks) + len(module._forward_pre_hooks) + ("forward" in vars(module))
+            count += len(module._forward_hooks) + len(module._forward_pre_hooks) + attached(module)
         return count
 
 
