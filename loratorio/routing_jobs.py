@@ -33,6 +33,12 @@ def _narrow_rank(t: torch.Tensor, rank: int) -> bool:
     return t.device.type == "cpu" and rank <= _NARROW_RANK
 
 
+def _takes_in_place(x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a fused path can add into ``out`` in place: input and output in the factors' dtype, output
+    contiguous (its row blocks are then plain views)."""
+    return out.dtype == dtype and x.dtype == dtype and out.is_contiguous()
+
+
 class _Job:
     """One batched piece of work of a module forward: ``m`` adapters of ``group`` on ``rows``.
 
@@ -70,7 +76,7 @@ def _linear_shared(rows: slice, down_t: torch.Tensor, up_t: torch.Tensor):
     down = down_t.transpose(1, 2)  # [m, r, c], a view
 
     def run(x: torch.Tensor, out: torch.Tensor) -> bool:
-        if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
+        if not _takes_in_place(x, out, dtype):
             return False
         xr = x[rows].reshape(-1, c)
         # the ranks of all m adapters for every row, [m * r, n]: one matmul, read transposed by the next
@@ -109,7 +115,7 @@ def _linear_fast(rows: slice, m: int, down_t: torch.Tensor, up_t: torch.Tensor, 
                 products[key] = w
 
         def run(x: torch.Tensor, out: torch.Tensor) -> bool:
-            if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
+            if not _takes_in_place(x, out, dtype):
                 return False
             out[rows].view(m, -1, o).baddbmm_(x[rows].reshape(m, -1, c), w)
             return True
@@ -120,7 +126,7 @@ def _linear_fast(rows: slice, m: int, down_t: torch.Tensor, up_t: torch.Tensor, 
         down = down_t.transpose(1, 2)  # [m, r, c], a view
 
         def run_narrow(x: torch.Tensor, out: torch.Tensor) -> bool:
-            if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
+            if not _takes_in_place(x, out, dtype):
                 return False
             h = torch.bmm(down, x[rows].reshape(m, -1, c).transpose(1, 2))  # [m, r, n]
             out[rows].view(m, -1, o).baddbmm_(h.transpose(1, 2), up_t)
@@ -129,7 +135,7 @@ def _linear_fast(rows: slice, m: int, down_t: torch.Tensor, up_t: torch.Tensor, 
         return run_narrow, ()
 
     def run_factors(x: torch.Tensor, out: torch.Tensor) -> bool:
-        if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
+        if not _takes_in_place(x, out, dtype):
             return False
         out[rows].view(m, -1, o).baddbmm_(torch.bmm(x[rows].reshape(m, -1, c), down_t), up_t)
         return True
@@ -154,7 +160,7 @@ def _pointwise_fast(rows: slice, m: int, down: torch.Tensor, up: torch.Tensor):
         w_e = w.reshape(m, 1, o, c).expand(m, n, o, c).reshape(m * n, o, c)
 
         def run_dense(x: torch.Tensor, out: torch.Tensor) -> bool:
-            if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
+            if not _takes_in_place(x, out, dtype):
                 return False
             xr = x[rows]
             hw = xr.shape[2] * xr.shape[3]
@@ -169,7 +175,7 @@ def _pointwise_fast(rows: slice, m: int, down: torch.Tensor, up: torch.Tensor):
         down_e = up_e = None
 
     def run(x: torch.Tensor, out: torch.Tensor) -> bool:
-        if out.dtype != dtype or x.dtype != dtype or not out.is_contiguous():
+        if not _takes_in_place(x, out, dtype):
             return False
         xr = x[rows]
         hw = xr.shape[2] * xr.shape[3]
