@@ -76,7 +76,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-CORE_FILES = ("fusion.py", "lora.py", "routing.py", "selection.py")
+CORE_FILES = ("fusion.py", "lora.py", "routing.py", "routing_jobs.py", "selection.py")
+CORE_FILES_TEXT = "`loratorio/{" + ",".join(name.removesuffix(".py") for name in CORE_FILES) + "}.py`"
 
 
 def core_digest() -> str:
@@ -375,7 +376,7 @@ def _gpu_section(gpu: dict, images: Path, cpu_digest: str) -> tuple[list[str], l
     if digest != cpu_digest:
         which = f"core revision {digest}" if digest else "a core revision this record does not name"
         lines += ["", f"These GPU figures were measured with {which}; the CPU figures above with {cpu_digest} "
-                      f"(hash of `loratorio/{{fusion,lora,routing,selection}}.py`). Changes to the routing since then "
+                      f"(hash of {CORE_FILES_TEXT}). Changes to the routing since then "
                       f"are not reflected here until the GPU suite is run again."]
     labels = {"sd15": "SD1.5 UNet, 512x512 (64x64 latent), B=1", "sdxl": "SDXL UNet, 1024x1024 (128x128 latent), B=1"}
     for name, sweep in gpu["sweeps"].items():
@@ -452,7 +453,7 @@ def write_docs(result: dict, docs: Path, *, gpu: dict | None = None, command: st
               f"{spreads[worst] * 100:.0f} % between its fastest and slowest repetition; the median spread was "
               f"{sorted(spreads.values())[len(spreads) // 2] * 100:.0f} %.",
               f"- Whole run: {result['seconds'] / 60:.1f} min; core revision {m['core_digest']} (hash of "
-              f"`loratorio/{{fusion,lora,routing,selection}}.py`).", ""]
+              f"{CORE_FILES_TEXT}).", ""]
 
     lines += ["## Setup", "",
               f"- Model: {_model_line(result)}.",
