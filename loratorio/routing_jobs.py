@@ -21,10 +21,11 @@ if TYPE_CHECKING:
 # factors. Larger batches expand per call instead (a transient copy).
 _EXPAND_ROWS = 2
 _EXPAND_LIMIT = 8 << 20
-# On a CPU, a matmul into a rank this small (a few output columns) runs far below the
-# machine's speed (2-4x slower than the same FLOPs with a wide output, measured with
-# torch's CPU BLAS at ranks 2-8); the rank product is then formed transposed,
-# ``down @ x^T``, whose output is as wide as the rows. Equal at rank 16 and above.
+# On a CPU, a matmul into a rank this small (a few output columns) runs well below the
+# machine's speed with torch's CPU BLAS; the rank product is then formed transposed,
+# ``down @ x^T``, whose output is as wide as the rows (about half the time at ranks 2-8).
+# From rank 16 on neither form wins everywhere. Measured side by side by
+# ``python -m bench.rank_forms``.
 _NARROW_RANK = 8
 
 

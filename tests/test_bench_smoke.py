@@ -74,3 +74,16 @@ def test_cli_renders_a_saved_result_as_one_json_object(result, tmp_path, capsys)
     printed = json.loads(capsys.readouterr().out)
     assert {*KEYS} <= set(printed)
     assert printed["pruning_cost_ratio"] == pytest.approx(result["pruning_cost_ratio"])
+
+
+def test_rank_forms_times_both_forms_of_every_shape():
+    from bench import rank_forms
+
+    out = rank_forms.measure(reps=1)
+    assert [(s["n"], s["c"], s["r"], s["o"]) for s in out["shapes"]] == rank_forms.SHAPES
+    for shape in out["shapes"]:
+        for kind in ("per_adapter", "shared"):
+            timing = shape[kind]
+            assert timing["rows_first_us"] > 0 and timing["transposed_us"] > 0
+            assert math.isclose(timing["transposed_over_rows_first"],
+                                timing["transposed_us"] / timing["rows_first_us"], rel_tol=0.05)
