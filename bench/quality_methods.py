@@ -15,7 +15,7 @@ as rows of one batched model call through :class:`loratorio.routing.Router`.
   ``"reverse"`` passes ``T - 1 - k`` (sharp first, uniform at the last step), the other
   reading of the paper's ``tau = 1 / ((T - t) c)``.
   ``options`` passes the core's steps beyond the paper (``descriptor``, ``centred``,
-  ``mix``; see :mod:`loratorio.fusion`) to ``compose``: variants tried one at a time.
+  ``mix``, ``conflict``; see :mod:`loratorio.fusion`) to ``compose``: variants tried one at a time.
 - ``engine``: a named method (``Method.method``, a ``Settings.method`` value) through
   ``loratorio.engine.Composer.from_settings`` (one composer per composition): exactly
   what a user with those settings gets, including dynamic selection (with
@@ -111,6 +111,7 @@ def default_methods() -> list[Method]:
         ablation("lambda 0.5", recenter=0.5),
         ablation("no conflict resolution (mix=sum)", mix="sum"),
         ablation("ownership gates (mix=delta)", mix="delta"),
+        ablation("conflicts tested per patch (conflict=patch)", conflict="patch"),
     ]
 
 

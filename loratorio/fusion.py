@@ -39,11 +39,14 @@ paper's step exactly):
   background) no longer wins every patch: each LoRA wins where it differs more than it
   usually does;
 - ``mix = "resolve"`` (steps 7-8): ``base + sum_i g_i (lora_i - base)``; a LoRA keeps
-  its whole difference (``g_i = 1``) unless another LoRA pushes the same patch the
-  opposite way and owns the patch more by the SoftMin weights:
-  ``g_i = 1 - max_j conflict_ij * w_j / (w_i + w_j)``. LoRAs that change different
-  things in the same patch keep all of their changes, as in a merge; ownership (the
-  paper's idea) only settles conflicts. One LoRA alone gives its own prediction;
+  its whole difference (``g_i = 1``) unless another LoRA pushes the same pixel the
+  opposite way and owns it more by the SoftMin weights:
+  ``g_i = 1 - max_j conflict_ij * w_j / (w_i + w_j)``, with ``conflict_ij`` tested per
+  pixel (the cosine over the channels of the two LoRAs' differences there) and ``w``
+  the patch weights (``conflict = "patch"``: the cosine over the whole patch, for
+  comparison). LoRAs that change different things in the same patch keep all of
+  their changes, as in a merge; ownership (the paper's idea) only settles conflicts.
+  One LoRA alone gives its own prediction;
 - ``joint`` (with a delta mix, steps 7-8): adds ``joint * (merged - base - sum_i (lora_i -
   base))``, where ``merged`` is the prediction with every evaluated LoRA applied at once
   (what a merge computes). That term holds what the LoRAs do to each other's effects
@@ -85,14 +88,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DESCRIPTORS", "METHODS", "MIXES", "Composition", "compose", "method_options", "patch_similarity",
-           "softmin_weights", "temperature"]
+__all__ = ["CONFLICTS", "DESCRIPTORS", "METHODS", "MIXES", "Composition", "compose", "method_options",
+           "patch_similarity", "softmin_weights", "temperature"]
 
 _NORM_EPS = 1e-8
 #: Step-1 descriptors: the paper's channel mean, channels kept, relative difference size.
 DESCRIPTORS = ("mean", "channels", "activity")
 #: Steps 7-8: the paper's convex mix, gated differences, all differences in full.
 MIXES = ("convex", "delta", "sum", "resolve")
+#: Where ``mix = "resolve"`` tests for opposite pushes: at each latent pixel, or over each patch.
+CONFLICTS = ("pixel", "patch")
 
 #: Named composition methods: the :func:`compose` options each one sets. ``paper`` is
 #: the step of docs/method.md exactly.
@@ -163,11 +168,16 @@ def _patch_sums(values: torch.Tensor, patch_size: int) -> torch.Tensor:
     return values.reshape(*lead, ph, patch_size, pw, patch_size).sum(dim=(-3, -1))
 
 
-def _difference_gram(base: torch.Tensor, lora: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``[N, N, B, Ph, Pw]``: dot products of the LoRAs' differences from the base over each patch (channels
-    kept), in float32. Its diagonal holds each LoRA's squared difference size per patch."""
+def _pixel_gram(base: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+    """``[N, N, B, H, W]``: dot products over the channels of the LoRAs' differences from the base at each
+    pixel, in float32. Its diagonal holds each LoRA's squared difference size per pixel."""
     diff = lora.float() - base.float().unsqueeze(0)
-    return _patch_sums((diff.unsqueeze(1) * diff.unsqueeze(0)).sum(dim=3), patch_size)
+    return (diff.unsqueeze(1) * diff.unsqueeze(0)).sum(dim=3)
+
+
+def _difference_gram(base: torch.Tensor, lora: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[N, N, B, Ph, Pw]``: :func:`_pixel_gram` summed over each patch."""
+    return _patch_sums(_pixel_gram(base, lora), patch_size)
 
 
 def _activity_similarity(gram: torch.Tensor) -> torch.Tensor:
@@ -350,11 +360,16 @@ def _mix_delta(gates: torch.Tensor, base: torch.Tensor, preds: torch.Tensor, str
 
 
 def _conflict_gates(weights: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``resolve`` gates ``[N, B, Ph, Pw]``: a LoRA keeps its whole difference unless another LoRA pushes the
-    same patch the opposite way and owns the patch more (by the SoftMin ``weights``).
+    """``resolve`` gates ``[N, B, H, W]``: a LoRA keeps its whole difference unless another LoRA pushes the
+    same pixel the opposite way and owns it more (by the SoftMin ``weights``, ``[N, B, H, W]``: the patch
+    weights brought to pixels).
 
     ``g_i = 1 - max_j conflict_ij * w_j / (w_i + w_j)`` with ``conflict_ij = max(0, -cos(d_i, d_j))`` of the
-    LoRAs' differences from the base in the patch (channels kept; the same in both prediction forms).
+    LoRAs' differences from the base at the pixel (over the channels, from :func:`_pixel_gram`; the same in
+    both prediction forms). The test is per pixel, not per patch: opposite pushes are a property of one
+    place, and a patch sum mixes the pushes of neighbouring pixels (it can hide a conflict next to an
+    agreement, or make one of two changes that sit side by side). Given patch weights and the patch
+    sums of :func:`_difference_gram` instead, the same formula tests per patch (``conflict = "patch"``).
     """
     norm = torch.diagonal(gram, dim1=0, dim2=1).movedim(-1, 0).clamp_min(0).sqrt().clamp_min(_NORM_EPS)
     conflict = (-gram / (norm.unsqueeze(0) * norm.unsqueeze(1))).clamp_min(0)
@@ -389,6 +404,7 @@ def compose(
     descriptor: str = "mean",
     centred: bool = False,
     mix: str = "convex",
+    conflict: str = "pixel",
     joint: float = 0.0,
     merged_cond: torch.Tensor | None = None,
     merged_uncond: torch.Tensor | None = None,
@@ -403,7 +419,7 @@ def compose(
     then the returned uncond is ``base_uncond`` itself. The similarity is computed in
     float32; ``cond``/``uncond`` come back in the input dtype.
 
-    ``descriptor``, ``centred``, ``mix`` and ``joint`` choose the steps beyond the paper
+    ``descriptor``, ``centred``, ``mix``, ``conflict`` and ``joint`` choose the steps beyond the paper
     (module docstring); their defaults give the paper's step exactly. ``joint > 0`` takes
     ``merged_cond`` (``[B, C, H, W]``, every LoRA of ``lora_cond`` applied at once, in the
     same form) and, where the uncond is mixed, ``merged_uncond``; with one LoRA the merged
@@ -411,26 +427,36 @@ def compose(
 
     Raises ``ValueError`` naming the argument for wrong shapes, N = 0, ``patch_size < 1``,
     negative ``step``, ``temperature_scale <= 0``, ``recenter`` outside [0, 1],
-    ``top_k < 0`` or an unknown ``descriptor`` / ``mix``.
+    ``top_k < 0`` or an unknown ``descriptor`` / ``mix`` / ``conflict``.
     """
     _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_size, temperature_scale, recenter, top_k,
               descriptor, mix)
+    if conflict not in CONFLICTS:
+        raise ValueError(f"conflict must be one of {', '.join(CONFLICTS)}, got {conflict!r}")
     joint = _validate_joint(joint, mix, base_cond, lora_cond, merged_cond, merged_uncond,
                             base_uncond is not None and recenter > 0)
     height, width = base_cond.shape[-2:]
-    # the resolve gates and the activity descriptor share the patch sums of the LoRAs' differences
-    needs_gram = descriptor == "activity" or mix == "resolve"
-    gram = _difference_gram(base_cond, lora_cond, patch_size) if needs_gram else None
+    # the resolve gates and the activity descriptor (per patch) share the LoRAs' difference products
+    pixel_gram = _pixel_gram(base_cond, lora_cond) if mix == "resolve" and conflict == "pixel" else None
+    gram = None
+    if descriptor == "activity" or (mix == "resolve" and conflict == "patch"):
+        gram = (_patch_sums(pixel_gram, patch_size) if pixel_gram is not None
+                else _difference_gram(base_cond, lora_cond, patch_size))
     similarity = _similarity(base_cond, lora_cond, x, patch_size, descriptor, bool(centred), gram)
     patch_weights = softmin_weights(similarity, step=step, temperature_scale=temperature_scale, top_k=top_k)
     if mix != "convex":
         if mix == "resolve":
-            patch_gates = _conflict_gates(patch_weights, gram)
+            if conflict == "pixel":
+                weights = _upsample(patch_weights, patch_size, height, width)[:, :, 0]
+                gates = _conflict_gates(weights, pixel_gram)
+            else:
+                weights = patch_weights
+                gates = _conflict_gates(weights, gram)
             if 0 < top_k < patch_weights.shape[0]:
-                patch_gates = patch_gates * (patch_weights > 0)  # step 5: only the selected LoRAs act
+                gates = gates * (weights > 0)  # step 5: only the selected LoRAs act
+            gates = gates.unsqueeze(2) if conflict == "pixel" else _upsample(gates, patch_size, height, width)
         else:
-            patch_gates = _gates(patch_weights, mix, top_k)
-        gates = _upsample(patch_gates, patch_size, height, width)
+            gates = _upsample(_gates(patch_weights, mix, top_k), patch_size, height, width)
         cond = _mix_delta(gates, base_cond, lora_cond)
         if joint:
             cond = cond + joint * _interaction(merged_cond, base_cond, lora_cond)

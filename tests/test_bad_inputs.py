@@ -390,11 +390,16 @@ def test_odd_latent_sizes(host, size):
 
 
 def test_patch_larger_than_the_latent_is_one_patch(host):
-    res = host.run("a cat <lora:good> <lora:good2>", {"patch_size": 16, "composition_map": True})
+    res = host.run("a cat <lora:good> <lora:good2>", {"patch_size": 16, "composition_map": True, "method": "paper"})
     assert res.names == ["good", "good2"]
     weights, _ = res.state.maps[0]  # [N, 4, 4]: every pixel of an image shares the patch's weights
     flat = weights.flatten(1)
     assert torch.equal(flat, flat[:, :1].expand_as(flat))
+    assert torch.isfinite(res.latents).all()
+    # the default's gates settle conflicts per pixel under the one patch's ownership weights
+    res = host.run("a cat <lora:good> <lora:good2>", {"patch_size": 16, "composition_map": True})
+    gates, _ = res.state.maps[0]
+    assert gates.shape == weights.shape and bool(((gates >= 0) & (gates <= 1)).all())
     assert torch.isfinite(res.latents).all()
 
 

@@ -186,6 +186,34 @@ def test_resolve_keeps_compatible_differences_and_settles_conflicts():
     assert torch.allclose(first.weights[..., :2, :2], torch.full_like(first.weights[..., :2, :2], 0.5))
 
 
+
+def test_resolve_tests_conflicts_per_pixel_not_per_patch():
+    # In the left 2x2 patch the two LoRAs push pixel (0, 0) opposite ways and pixel (0, 1) the same way.
+    # Summed over the patch the pushes cancel (cosine 0: no conflict); per pixel, (0, 0) is a conflict and
+    # (0, 1) an agreement, and only (0, 0) is settled. LoRA 1 also changes the right patch, so LoRA 0 owns
+    # the left one.
+    e0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    base = torch.zeros(1, 2, 2, 4, dtype=torch.float64)
+    a, b = base.clone(), base.clone()
+    a[0, :, 0, 0], b[0, :, 0, 0] = 2 * e0, -e0
+    a[0, :, 0, 1], b[0, :, 0, 1] = e0, 2 * e0
+    b[0, :, :, 2:] = 3 * e0[:, None, None]
+    lora = torch.stack([a, b])
+    res = compose(base, lora, base, lora, step=5, recenter=1.0, mix="resolve", descriptor="activity")
+    gates = res.weights[:, 0, 0]  # [N, H, W]
+    assert gates[0, 0, 0] == 1 and gates[1, 0, 0] < 0.1  # the patch's owner keeps the conflicting pixel
+    assert torch.allclose(res.cond[0, :, 0, 0], 2 * e0, atol=0.1)
+    assert torch.allclose(gates[:, 0, 1], torch.ones(2, dtype=gates.dtype))  # both act in full where they agree
+    assert torch.allclose(res.cond[0, :, 0, 1], 3 * e0)
+    assert torch.allclose(gates[..., 1:, :], torch.ones_like(gates[..., 1:, :]))  # no conflict: no change
+    assert torch.allclose(gates[..., :, 2:], torch.ones_like(gates[..., :, 2:]))
+    # tested per patch (the comparison option), the two pushes cancel and nothing is settled
+    per_patch = compose(base, lora, base, lora, step=5, recenter=1.0, mix="resolve", descriptor="activity",
+                        conflict="patch")
+    assert torch.allclose(per_patch.weights, torch.ones_like(per_patch.weights))
+    with pytest.raises(ValueError, match="conflict"):
+        compose(base, lora, base, lora, step=5, recenter=1.0, mix="resolve", conflict="window")
+
 @pytest.mark.parametrize("x_form", [False, True])
 def test_one_lora_through_the_default_method_is_that_lora(x_form):
     # with nothing to conflict with, the default's step is the LoRA's own prediction, negative included
