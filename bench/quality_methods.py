@@ -94,10 +94,11 @@ def default_methods() -> list[Method]:
     user = dict(recenter=d.recenter, temperature_scale=d.temperature_scale, patch_size=d.patch_size)
     options = method_options(d.method)
 
-    def ablation(label: str, recenter: float | None = None, **changes) -> Method:
+    def ablation(label: str, recenter: float | None = None, patch_size: int | None = None, **changes) -> Method:
         opts = {**options, **changes}
-        return Method(f"default, {label}", "loratorio", **{**user, "recenter": d.recenter if recenter is None
-                                                           else recenter}, options=tuple(sorted(opts.items())))
+        settings = {**user, "recenter": d.recenter if recenter is None else recenter,
+                    "patch_size": d.patch_size if patch_size is None else patch_size}
+        return Method(f"default, {label}", "loratorio", **settings, options=tuple(sorted(opts.items())))
 
     return [
         Method("base (no LoRA)", "base"),
@@ -112,6 +113,7 @@ def default_methods() -> list[Method]:
         ablation("no conflict resolution (mix=sum)", mix="sum"),
         ablation("ownership gates (mix=delta)", mix="delta"),
         ablation("conflicts tested per patch (conflict=patch)", conflict="patch"),
+        ablation("patch size 1", patch_size=1),
     ]
 
 
