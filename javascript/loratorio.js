@@ -53,8 +53,8 @@
         'Composition method': 'How the LoRAs are fused. joint (default): resolve averaged with the model ' +
             'running every LoRA at once, which sees what the LoRAs do to each other (clothing on the ' +
             'character, not on a generic figure); one more row per step. resolve: every LoRA adds its own ' +
-            'change to the base model\'s prediction; only where two LoRAs push the same patch opposite ways ' +
-            'does the one that owns the patch keep its change. paper: the published LoRAtorio step (each ' +
+            'change to the base model\'s prediction; only where two LoRAs push the same spot opposite ways ' +
+            'does the one that owns that patch keep its change. paper: the published LoRAtorio step (each ' +
             'patch shared by SoftMin weights that sum to one).',
         'Lambda (re-centring)': 'How far the negative (unconditional) prediction follows the LoRAs: 1 (default) = ' +
             'it carries the LoRAs\' own change, so guidance does not over-amplify them; lower = stronger ' +
