@@ -283,7 +283,7 @@ def _check_shape(name: str, tensor, shape: tuple[int, ...]) -> None:
 
 
 def _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_size, temperature_scale, recenter, top_k,
-              descriptor="mean", mix="convex"):
+              descriptor="mean", mix="convex", conflict="pixel"):
     if not isinstance(base_cond, torch.Tensor) or base_cond.dim() != 4:
         shape = list(base_cond.shape) if isinstance(base_cond, torch.Tensor) else type(base_cond).__name__
         raise ValueError(f"base_cond must be a [B, C, H, W] tensor, got {shape}")
@@ -316,6 +316,8 @@ def _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_siz
         raise ValueError(f"descriptor must be one of {', '.join(DESCRIPTORS)}, got {descriptor!r}")
     if mix not in MIXES:
         raise ValueError(f"mix must be one of {', '.join(MIXES)}, got {mix!r}")
+    if conflict not in CONFLICTS:
+        raise ValueError(f"conflict must be one of {', '.join(CONFLICTS)}, got {conflict!r}")
     if base_uncond is not None and lora_uncond is None and recenter != 0:
         raise ValueError(f"lora_uncond is required when recenter > 0 (recenter = {recenter!r}); "
                          "pass it or set recenter = 0")
@@ -380,6 +382,18 @@ def _conflict_gates(weights: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return 1 - (conflict * share).amax(dim=1)
 
 
+def _resolve_gates(patch_weights: torch.Tensor, gram: torch.Tensor, per_pixel: bool, patch_size: int, top_k: int,
+                   height: int, width: int) -> torch.Tensor:
+    """The ``resolve`` gates at pixels, ``[N, B, 1, H, W]``, from the patch weights and the difference products
+    ``gram``: per pixel (:func:`_pixel_gram`; the weights are brought to pixels first) or per patch
+    (:func:`_difference_gram`; the gates are brought to pixels after)."""
+    weights = _upsample(patch_weights, patch_size, height, width)[:, :, 0] if per_pixel else patch_weights
+    gates = _conflict_gates(weights, gram)
+    if 0 < top_k < weights.shape[0]:
+        gates = gates * (weights > 0)  # step 5: only the selected LoRAs act
+    return _upsample(gates, 1 if per_pixel else patch_size, height, width)
+
+
 def _gates(weights: torch.Tensor, mix: str, top_k: int) -> torch.Tensor:
     """Delta-mix gates from the patch weights ``[N, B, Ph, Pw]`` (see the module docstring)."""
     if mix == "sum":
@@ -430,31 +444,23 @@ def compose(
     ``top_k < 0`` or an unknown ``descriptor`` / ``mix`` / ``conflict``.
     """
     _validate(base_cond, lora_cond, base_uncond, lora_uncond, step, x, patch_size, temperature_scale, recenter, top_k,
-              descriptor, mix)
-    if conflict not in CONFLICTS:
-        raise ValueError(f"conflict must be one of {', '.join(CONFLICTS)}, got {conflict!r}")
+              descriptor, mix, conflict)
     joint = _validate_joint(joint, mix, base_cond, lora_cond, merged_cond, merged_uncond,
                             base_uncond is not None and recenter > 0)
     height, width = base_cond.shape[-2:]
     # the resolve gates and the activity descriptor (per patch) share the LoRAs' difference products
-    pixel_gram = _pixel_gram(base_cond, lora_cond) if mix == "resolve" and conflict == "pixel" else None
+    per_pixel = mix == "resolve" and conflict == "pixel"
+    pixel_gram = _pixel_gram(base_cond, lora_cond) if per_pixel else None
     gram = None
-    if descriptor == "activity" or (mix == "resolve" and conflict == "patch"):
-        gram = (_patch_sums(pixel_gram, patch_size) if pixel_gram is not None
+    if descriptor == "activity" or (mix == "resolve" and not per_pixel):
+        gram = (_patch_sums(pixel_gram, patch_size) if per_pixel
                 else _difference_gram(base_cond, lora_cond, patch_size))
     similarity = _similarity(base_cond, lora_cond, x, patch_size, descriptor, bool(centred), gram)
     patch_weights = softmin_weights(similarity, step=step, temperature_scale=temperature_scale, top_k=top_k)
     if mix != "convex":
         if mix == "resolve":
-            if conflict == "pixel":
-                weights = _upsample(patch_weights, patch_size, height, width)[:, :, 0]
-                gates = _conflict_gates(weights, pixel_gram)
-            else:
-                weights = patch_weights
-                gates = _conflict_gates(weights, gram)
-            if 0 < top_k < patch_weights.shape[0]:
-                gates = gates * (weights > 0)  # step 5: only the selected LoRAs act
-            gates = gates.unsqueeze(2) if conflict == "pixel" else _upsample(gates, patch_size, height, width)
+            gates = _resolve_gates(patch_weights, pixel_gram if per_pixel else gram, per_pixel, patch_size, top_k,
+                                   height, width)
         else:
             gates = _upsample(_gates(patch_weights, mix, top_k), patch_size, height, width)
         cond = _mix_delta(gates, base_cond, lora_cond)

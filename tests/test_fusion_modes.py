@@ -186,7 +186,6 @@ def test_resolve_keeps_compatible_differences_and_settles_conflicts():
     assert torch.allclose(first.weights[..., :2, :2], torch.full_like(first.weights[..., :2, :2], 0.5))
 
 
-
 def test_resolve_tests_conflicts_per_pixel_not_per_patch():
     # In the left 2x2 patch the two LoRAs push pixel (0, 0) opposite ways and pixel (0, 1) the same way.
     # Summed over the patch the pushes cancel (cosine 0: no conflict); per pixel, (0, 0) is a conflict and
@@ -213,6 +212,7 @@ def test_resolve_tests_conflicts_per_pixel_not_per_patch():
     assert torch.allclose(per_patch.weights, torch.ones_like(per_patch.weights))
     with pytest.raises(ValueError, match="conflict"):
         compose(base, lora, base, lora, step=5, recenter=1.0, mix="resolve", conflict="window")
+
 
 @pytest.mark.parametrize("x_form", [False, True])
 def test_one_lora_through_the_default_method_is_that_lora(x_form):
