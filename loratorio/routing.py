@@ -551,7 +551,11 @@ class _Override:
 
     def __init__(self, module: nn.Module, plans: list[_ModulePlan], session: _Session):
         self.module = module
-        self._state = _OverrideState(module, plans, session)
+        self._renew(plans, session)
+
+    def _renew(self, plans: list[_ModulePlan], session: _Session) -> None:
+        """A new routed forward with its own state (switched off until :meth:`install`)."""
+        self._state = _OverrideState(self.module, plans, session)
         self.forward = _routed_forward(self._state)
 
     def install(self) -> None:
@@ -573,8 +577,7 @@ class _Override:
             state.previous = None
             return
         # wrapped by someone else meanwhile: leave this one off in their chain, use a new one next time
-        self._state = _OverrideState(self.module, state.plans, state.session)
-        self.forward = _routed_forward(self._state)
+        self._renew(state.plans, state.session)
 
 
 class _OverrideState:
