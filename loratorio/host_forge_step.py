@@ -14,8 +14,8 @@ the UNet clone gets
   see ``_fold_refusal``), it runs them through Forge's ``calc_cond_uncond_batch`` with the
   compiled conds it receives, in calls of their own.
 
-The base rows are never routed: per-row LoRA routing (:mod:`loratorio.routing`) touch only
-the branch rows, and exist only while a model call with branch rows runs. Forge's
+The base rows are never routed: per-row LoRA routing (:mod:`loratorio.routing`) touches only
+the branch rows, and only while a model call with branch rows runs. Forge's
 predictions are always *denoised* (x0) estimates, for every model family
 (``backend/modules/k_model.py:25-46``); fusion runs in that form with ``x``.
 
@@ -236,7 +236,7 @@ def _run_merged(ctx: PassContext, active: list[int], args: Mapping, conds: list,
     x, sigma, model, opts = args["input"], args["sigma"], args["model"], args["model_options"]
     own = ctx.step_texts.get(MERGED, (None, None))[0 if kind == "cond" else 1]
     out, _ = ctx.backend.calc_cond_uncond_batch(model, _branch_conds(conds, [own]), None, x, sigma,
-                                             _routed_options(ctx, opts, active, int(x.shape[0]), merged=True))
+                                                _routed_options(ctx, opts, active, int(x.shape[0]), merged=True))
     return out
 
 
