@@ -7,6 +7,13 @@ to it) against one *plain* call of the same rows. The difference divided by the 
 of routed modules is what a routed module adds to a call: hook dispatch, row bookkeeping
 and the adapters' kernel launches. Measured side by side (paired per repetition).
 
+On a shared machine that difference is a few percent of a call whose time drifts by more,
+so :func:`split` also takes every routed module alone, on the input one routed call gave
+it, in tight loops (the least of several timings, caches warm): plain, routed, and routed
+by a router whose planned work is emptied (:func:`dispatch_only`). That splits a module's
+extra time into the dispatch (the routed forward looking its plans up) and the adapters'
+own work (their matmuls and row views).
+
 Earlier routings (the revisions in :data:`BASELINES`, read from this repository's git
 history when there is one) are measured in the same repetitions, so the values are side
 by side.
@@ -14,6 +21,7 @@ by side.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import shutil
 import statistics
@@ -24,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from loratorio.routing import Router
 
 from . import _model, _timing
 from ._workload import Workload
@@ -79,6 +89,68 @@ def routed_rows(work: Workload, n: int) -> list[slice | None]:
     return rows
 
 
+def dispatch_only(router) -> None:
+    """Empty the work ``router`` has planned, so its routed forwards dispatch and return (benchmark only).
+
+    Call it after one routed call of the row layout to measure: that call made each
+    module's schedule, which is kept per layout and is what later calls look up. Reads the
+    router's plans (internal to the routing); the outputs are then the plain model's.
+    """
+    for plan in router._plans:
+        for jobs in plan._schedules.values():
+            jobs.clear()
+
+
+def split(model, router, adapters, args, rows, *, sync=lambda: None, clock=time.thread_time,
+          calls: int = 40, rounds: int = 5) -> dict:
+    """Every routed module alone: µs per module (mean over the modules) plain, routed, and routed with no work.
+
+    Each module runs on the input it got in one routed call, ``calls`` times in a row per
+    timing; the three variants alternate, module by module, and the least of ``rounds``
+    timings of each is kept (noise only adds time). ``dispatch`` is the emptied router's
+    excess over plain, ``work`` the routed excess over the emptied router's: what the
+    adapters' matmuls and row views cost with the caches warm.
+    """
+    inputs: list[tuple] = []
+    handles = [m.register_forward_pre_hook(lambda mod, a, kw: inputs.append((mod, a, kw)), with_kwargs=True)
+               for m in router.modules]
+    try:
+        with router.route(rows):
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    emptied = Router(model.targets, adapters)
+    with emptied.route(rows):
+        model(*args)
+    dispatch_only(emptied)
+
+    variants = {"plain": contextlib.nullcontext, "routed": lambda: router.route(rows),
+                "dispatch": lambda: emptied.route(rows)}
+    sums = dict.fromkeys(variants, 0.0)
+    for module, a, kw in inputs:
+        best = dict.fromkeys(variants, float("inf"))
+        for round_ in range(rounds + 1):  # the first round warms up
+            shift = round_ % len(variants)
+            names = [*list(variants)[shift:], *list(variants)[:shift]]
+            for name in names:
+                with variants[name]():
+                    sync()
+                    start = clock()
+                    for _ in range(calls):
+                        module(*a, **kw)
+                    sync()
+                    if round_:
+                        best[name] = min(best[name], clock() - start)
+        for name in variants:
+            sums[name] += best[name] / calls * 1e6
+    n = len(inputs)
+    plain, routed, dispatch = sums["plain"], sums["routed"], sums["dispatch"]
+    return {"plain_us": plain / n, "routed_us": routed / n, "dispatch_us": (dispatch - plain) / n,
+            "work_us": (routed - dispatch) / n, "extra_us": (routed - plain) / n, "modules": n,
+            "calls": calls, "rounds": rounds}
+
+
 def measure(*, reps: int, warmup: int = 2, sync=lambda: None, device: str | torch.device = "cpu",
             inner: int = 5, with_baseline: bool = True) -> dict:
     """``hook_us_per_module`` with its side-by-side samples (``inner`` calls per timed sample)."""
@@ -123,6 +195,7 @@ def measure(*, reps: int, warmup: int = 2, sync=lambda: None, device: str | torc
         "min": min(diffs),
         "max": max(diffs),
         "modules": modules,
+        "alone": split(model, work.router, adapters, args, rows, sync=sync, clock=clock),
         "plain_ms": samples["plain"].median / inner * 1e3,
         "routed_ms": samples["routed"].median / inner * 1e3,
         "rows": int(args[0].shape[0]),

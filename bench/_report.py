@@ -328,17 +328,25 @@ def notes(result: dict) -> list[str]:
             f"{base['hook_us_per_module']:.1f} µs per module (range {base['min']:.1f}–{base['max']:.1f})."
             for base in hook.get("baselines", ()))
         share = hook.get("adapter_flop_share")
-        flops = (f" The adapters' arithmetic is {share * 100:.1f} % of the plain call's FLOPs; on this CPU a "
-                 f"matmul or view costs microseconds however small it is, so the cost is the operations per "
-                 f"module, not their arithmetic." if share is not None else "")
+        flops = (f" The adapters' arithmetic is {share * 100:.1f} % of the plain call's FLOPs: at the plain call's "
+                 f"own rate it would take {share * hook['plain_ms'] * 1e3 / hook['modules']:.1f} µs per module."
+                 if share is not None else "")
+        alone = hook.get("alone")
+        split = (f" Each routed module alone, on the input it had in that call ({alone['calls']} calls in a row, "
+                 f"the least of {alone['rounds']} timings, plain, routed and dispatch-only alternating, caches "
+                 f"warm): {alone['plain_us']:.1f} µs plain, {alone['extra_us']:.1f} µs more routed, of which "
+                 f"{alone['dispatch_us']:.1f} µs is the dispatch (a router whose planned work is emptied: its routed "
+                 f"forwards look their plans up and return) and {alone['work_us']:.1f} µs the adapters' matmuls and "
+                 f"row views. The rest of the in-call figure is the same work with colder caches and the machine's "
+                 f"other load." if alone else "")
         out.append(
             f"- **Routing cost per module.** A routed call of {hook['rows']} rows on the narrow SD1.5-layout UNet "
             f"({hook['modules']} routed modules) takes {hook['routed_ms']:.1f} ms against {hook['plain_ms']:.1f} ms "
             f"plain ({hook.get('clock', 'wall time')}): {result['hook_us_per_module']:.1f} µs per module. That is "
             f"the routed forward (set on each target for the call, no hook), the adapters' matmuls (one per module "
             f"where the factors' product is the cheaper form, as in most of this narrow model; two otherwise) and "
-            f"the row views; each module's plan is made once per row layout and kept for the route block.{flops}"
-            f"{before}")
+            f"the row views; each module's plan is made once per row layout and kept for the route block.{split}"
+            f"{flops}{before}")
     mem = d["memory"]
     out.append(
         f"- **Memory.** The router holds {mem['router_nbytes'] / 2**20:.1f} MiB for factors of "

@@ -32,6 +32,9 @@ def test_one_model_call_per_step_through_both_fake_hosts(result):
     assert result["model_calls_per_step"] == 1.0 and result["targets"]["model_calls_per_step"]["met"]
     hook = result["detail"]["hook_cost"]
     assert hook["modules"] > 0 and hook["rows"] == 2 * 4 + 2
+    alone = hook["alone"]
+    assert alone["modules"] == hook["modules"] and alone["plain_us"] > 0
+    assert alone["extra_us"] == pytest.approx(alone["dispatch_us"] + alone["work_us"])
     assert set(result["targets"]) == {*KEYS, "fusion_fraction"} - {"fusion_ms"}
 
 
@@ -62,6 +65,7 @@ def test_json_table_and_docs_are_produced(result, tmp_path):
     paths = _report.write_docs(result, tmp_path, command="python bench/run.py --smoke")
     page = (tmp_path / "benchmarks.md").read_text()
     assert "| Routing overhead |" in page
+    assert "is the dispatch" in page
     assert result["machine"]["cpu"] in page
     assert (tmp_path / "images" / "bench_step_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(paths) == 2
@@ -74,6 +78,40 @@ def test_cli_renders_a_saved_result_as_one_json_object(result, tmp_path, capsys)
     printed = json.loads(capsys.readouterr().out)
     assert {*KEYS} <= set(printed)
     assert printed["pruning_cost_ratio"] == pytest.approx(result["pruning_cost_ratio"])
+
+
+def test_a_router_with_its_work_emptied_dispatches_and_leaves_the_plain_output():
+    """The dispatch-only call the routing cost is split with routes every module and changes nothing."""
+    import torch
+
+    from bench import _hook_cost, _model
+    from bench._workload import Workload
+    from loratorio.routing import Router
+
+    with torch.inference_mode():
+        model = _model.build("tiny")
+        adapters = _model.make_adapters(model.targets, 2, rank=4)
+        work = Workload(model, adapters, batch=1, latent=8)
+        args, rows = work.inputs(3, True), _hook_cost.routed_rows(work, 2)
+        plain = model(*args)
+        with work.router.route(rows):
+            routed = model(*args)
+        router = Router(model.targets, adapters)
+        with router.route(rows):
+            assert torch.equal(model(*args), routed)
+        _hook_cost.dispatch_only(router)
+        calls = []
+        handles = [m.register_forward_pre_hook(lambda mod, a: calls.append(mod.forward)) for m in router.modules]
+        try:
+            with router.route(rows):
+                emptied = model(*args)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert torch.equal(emptied, plain) and not torch.equal(routed, plain)
+        # every target still ran through its routed forward (set on the instance for the block)
+        assert len(calls) == len(router.modules)
+        assert all(getattr(f, "__qualname__", "").startswith("_routed_forward") for f in calls)
 
 
 def test_rank_forms_times_both_forms_of_every_shape():
