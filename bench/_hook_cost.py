@@ -52,8 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def baseline_router(revision: str):
-    """``Router`` of ``loratorio/routing.py`` (and its job module, where it has one) at ``revision``, or None
-    without git history. It is loaded as a package of its own that uses today's adapter types."""
+    """``Router`` of ``loratorio/routing.py`` (and the routing modules beside it, where it has them) at
+    ``revision``, or None without git history. It is loaded as a package of its own that uses today's
+    adapter types."""
 
     def show(path: str) -> str | None:
         try:
@@ -68,10 +69,10 @@ def baseline_router(revision: str):
     package = Path(tempfile.mkdtemp(prefix="loratorio-routing-")) / f"_routing_{revision}"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "routing.py").write_text(routing.replace("from .lora import", "from loratorio.lora import"))
-    jobs = show("loratorio/routing_jobs.py")
-    if jobs is not None:
-        (package / "routing_jobs.py").write_text(jobs)
+    for name in ("routing.py", "routing_jobs.py", "routing_stacks.py"):
+        text = routing if name == "routing.py" else show(f"loratorio/{name}")
+        if text is not None:
+            (package / name).write_text(text.replace("from .lora import", "from loratorio.lora import"))
     sys.path.insert(0, str(package.parent))
     try:
         return importlib.import_module(f"{package.name}.routing").Router

@@ -76,7 +76,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-CORE_FILES = ("fusion.py", "lora.py", "routing.py", "routing_jobs.py", "selection.py")
+CORE_FILES = ("fusion.py", "lora.py", "routing.py", "routing_jobs.py", "routing_stacks.py", "selection.py")
 CORE_FILES_TEXT = "`loratorio/{" + ",".join(name.removesuffix(".py") for name in CORE_FILES) + "}.py`"
 
 

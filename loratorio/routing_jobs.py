@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .routing import _Group
+    from .routing_stacks import _Group
 
 # Factors expanded to one matrix per row (1x1 convs) are kept with the schedule only for up to
 # two rows per adapter (a B = 1 step's cond and uncond) and this many bytes: at most twice the
