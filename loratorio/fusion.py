@@ -450,11 +450,9 @@ def compose(
     height, width = base_cond.shape[-2:]
     # the resolve gates and the activity descriptor (per patch) share the LoRAs' difference products
     per_pixel = mix == "resolve" and conflict == "pixel"
-    pixel_gram = _pixel_gram(base_cond, lora_cond) if per_pixel else None
-    gram = None
-    if descriptor == "activity" or (mix == "resolve" and not per_pixel):
-        gram = (_patch_sums(pixel_gram, patch_size) if per_pixel
-                else _difference_gram(base_cond, lora_cond, patch_size))
+    per_patch = descriptor == "activity" or (mix == "resolve" and not per_pixel)
+    pixel_gram = _pixel_gram(base_cond, lora_cond) if per_pixel or per_patch else None
+    gram = _patch_sums(pixel_gram, patch_size) if per_patch else None
     similarity = _similarity(base_cond, lora_cond, x, patch_size, descriptor, bool(centred), gram)
     patch_weights = softmin_weights(similarity, step=step, temperature_scale=temperature_scale, top_k=top_k)
     if mix != "convex":
