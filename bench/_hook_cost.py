@@ -21,7 +21,6 @@ by side.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import shutil
 import statistics
@@ -126,25 +125,17 @@ def split(model, router, adapters, args, rows, *, sync=lambda: None, clock=time.
         model(*args)
     dispatch_only(emptied)
 
-    variants = {"plain": contextlib.nullcontext, "routed": lambda: router.route(rows),
-                "dispatch": lambda: emptied.route(rows)}
-    sums = dict.fromkeys(variants, 0.0)
+    around = {"routed": lambda: router.route(rows), "dispatch": lambda: emptied.route(rows)}
+    sums = dict.fromkeys(("plain", *around), 0.0)
     for module, a, kw in inputs:
-        best = dict.fromkeys(variants, float("inf"))
-        for round_ in range(rounds + 1):  # the first round warms up
-            shift = round_ % len(variants)
-            names = [*list(variants)[shift:], *list(variants)[:shift]]
-            for name in names:
-                with variants[name]():
-                    sync()
-                    start = clock()
-                    for _ in range(calls):
-                        module(*a, **kw)
-                    sync()
-                    if round_:
-                        best[name] = min(best[name], clock() - start)
-        for name in variants:
-            sums[name] += best[name] / calls * 1e6
+        def calls_of(module=module, a=a, kw=kw):
+            for _ in range(calls):
+                module(*a, **kw)
+
+        samples = _timing.interleaved(dict.fromkeys(sums, calls_of), reps=rounds, warmup=1, sync=sync, clock=clock,
+                                      around=around)
+        for name, sample in samples.items():
+            sums[name] += min(sample.seconds) / calls * 1e6
     n = len(inputs)
     plain, routed, dispatch = sums["plain"], sums["routed"], sums["dispatch"]
     return {"plain_us": plain / n, "routed_us": routed / n, "dispatch_us": (dispatch - plain) / n,

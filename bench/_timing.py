@@ -8,6 +8,7 @@ per-repetition ratios cancels most of it.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -59,7 +60,8 @@ class Ratio:
 
 def interleaved(variants: dict[str, Callable[[], object]], *, reps: int, warmup: int = 1,
                 sync: Callable[[], None] = lambda: None,
-                clock: Callable[[], float] = time.perf_counter) -> dict[str, Samples]:
+                clock: Callable[[], float] = time.perf_counter,
+                around: dict[str, Callable[[], contextlib.AbstractContextManager]] | None = None) -> dict[str, Samples]:
     """Time every variant ``reps`` times, the variants alternating within each repetition.
 
     ``warmup`` rounds of every variant run first and are not recorded (allocator, caches,
@@ -67,21 +69,30 @@ def interleaved(variants: dict[str, Callable[[], object]], *, reps: int, warmup:
     rotates from one repetition to the next so none always runs first or last. ``clock``:
     wall time by default; ``time.thread_time`` counts only the CPU time of the measuring
     thread (single-threaded CPU work on a machine shared with other processes).
+    ``around``: per variant, a context every run of it is made inside, entered and left
+    outside the timing (e.g. a route block around calls of one module).
     """
     names = list(variants)
+    around = around or {}
+
+    def context(name: str) -> contextlib.AbstractContextManager:
+        return around[name]() if name in around else contextlib.nullcontext()
+
     for _ in range(warmup):
         for name in names:
-            variants[name]()
+            with context(name):
+                variants[name]()
     sync()
     samples = {name: Samples(name, []) for name in names}
     for rep in range(reps):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            sync()
-            start = clock()
-            variants[name]()
-            sync()
-            samples[name].seconds.append(clock() - start)
+            with context(name):
+                sync()
+                start = clock()
+                variants[name]()
+                sync()
+                samples[name].seconds.append(clock() - start)
     return samples
 
 
